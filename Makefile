@@ -1,0 +1,32 @@
+# Two entry points, each usable on a fresh clone: they build (or reuse) .venv with the
+# pinned versions in constraints.txt first. torch 2.13.0 is pinned there so that pip never
+# pulls a CUDA build through fastai -> torchvision -> torch.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv export clean-nbs
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# The project's main job: train a small model with optimizers built from callback lists.
+demo: $(STAMP)
+	$(BIN)/python examples/train_digits.py $(ARGS)
+
+# The whole test suite: library in step with the notebooks, notebook tests, pytest suites.
+test: $(STAMP)
+	$(BIN)/python tools/check_export.py
+	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/python -m pytest
+
+# Developer helpers (not needed by the two commands above).
+export: $(STAMP)
+	$(BIN)/nbdev-export
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev-clean

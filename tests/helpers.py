@@ -1,0 +1,25 @@
+"Shared helpers: identical parameter sets and gradient streams for differential tests"
+import torch
+
+def make_groups(shapes_per_group, seed=0, dtype=torch.float32):
+    "Fresh leaf tensors, one list per group, with reproducible values"
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for shapes in shapes_per_group]
+
+def clone_groups(groups):
+    return [[p.detach().clone() for p in g] for g in groups]
+
+def gradient_stream(groups, n_steps, seed=1):
+    "A list (one per step) of gradients, one per parameter, in group order"
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for g in groups for p in g] for _ in range(n_steps)]
+
+def run(opt, groups, grads):
+    "Step `opt` once per entry of `grads`, setting each parameter's gradient first (a fresh copy each time)"
+    flat = [p for g in groups for p in g]
+    for step_grads in grads:
+        for p, g in zip(flat, step_grads): p.grad = g.clone()
+        opt.step()
+    return flat
+
+SHAPES = [[(5, 4), (4,)], [(3, 3, 2), (7,), ()]]   # two groups, including a 0-d parameter

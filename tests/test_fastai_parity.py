@@ -1,0 +1,147 @@
+"""fastopt against fastai 2.8: the same optimizers, from the same weights, fed the same random gradients for
+100 steps over two parameter groups, must agree to 1e-6 (relative). Where fastopt deliberately differs (a fixed
+fastai bug), a test below says so and checks both behaviours."""
+import io, pytest, torch
+from functools import partial
+import fastai.optimizer as fai
+import fastopt
+from helpers import SHAPES, make_groups, clone_groups, gradient_stream, run
+
+N_STEPS = 100
+LR = slice(1e-3, 1e-2)   # discriminative: a different lr per group
+
+CASES = {
+    'SGD':          dict(),
+    'SGD-mom':      dict(mom=0.9),
+    'RMSProp':      dict(),
+    'RMSProp-mom':  dict(mom=0.9),
+    'Adam':         dict(),
+    'RAdam':        dict(),
+    'RAdam-SAdam':  dict(beta=50.),
+    'QHAdam':       dict(),
+    'QHAdam-nu':    dict(nu_1=0.5, nu_2=0.9),
+    'Larc':         dict(),
+    'Lars':         dict(clip=False),
+    'Lamb':         dict(),
+}
+
+def _factory(case): return case.split('-')[0].replace('Lars', 'Larc')
+
+@pytest.mark.parametrize('case', list(CASES))
+@pytest.mark.parametrize('wd,decouple_wd', [(0., True), (1e-2, True), (1e-2, False)])
+def test_matches_fastai(case, wd, decouple_wd):
+    name, kwargs = _factory(case), dict(CASES[case], wd=wd, decouple_wd=decouple_wd)
+    ours, theirs = make_groups(SHAPES), make_groups(SHAPES)
+    grads = gradient_stream(ours, N_STEPS)
+    opt_ours = getattr(fastopt, name)(ours, lr=LR, **kwargs)
+    opt_theirs = getattr(fai, name)(theirs, lr=LR, **kwargs)
+    assert [h['lr'] for h in opt_ours.hypers] == pytest.approx([h['lr'] for h in opt_theirs.hypers])
+    for a, b in zip(run(opt_ours, ours, grads), run(opt_theirs, theirs, grads)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # the stats agree too, not just the weights
+    for a, b in zip(opt_ours.all_params(), opt_theirs.all_params()):
+        for k, v in b[2].items():
+            if isinstance(v, torch.Tensor): torch.testing.assert_close(a[2][k], v, rtol=1e-6, atol=1e-7)
+            else: assert a[2][k] == pytest.approx(v)
+
+def test_the_seven_optimizers_are_exported():
+    "from fastopt import * gives the seven compositions"
+    for name in ['SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb']: assert callable(getattr(fastopt, name))
+
+def test_same_defaults_as_fastai():
+    import inspect
+    for name in ['SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb']:
+        ours, theirs = inspect.signature(getattr(fastopt, name)), inspect.signature(getattr(fai, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+        assert [p.default for p in ours.parameters.values()] == [p.default for p in theirs.parameters.values()], name
+
+def test_same_hypers_as_fastai():
+    for name in ['SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb']:
+        ours = getattr(fastopt, name)(make_groups(SHAPES), lr=1e-3)
+        theirs = getattr(fai, name)(make_groups(SHAPES), lr=1e-3)
+        assert [dict(h) for h in ours.hypers] == [dict(h) for h in theirs.hypers], name
+
+def test_user_composition_matches_fastai():
+    "A hand-composed optimizer with a user-written stat mixed with built-ins"
+    def grad_clip_stat(p, clip_to=1., **kwargs): p.grad.clamp_(-clip_to, clip_to)
+    cbs_ours = [fastopt.weight_decay, grad_clip_stat, partial(fastopt.average_grad, dampening=True),
+                fastopt.average_sqr_grad, fastopt.step_stat, fastopt.adam_step]
+    cbs_theirs = [fai.weight_decay, grad_clip_stat, partial(fai.average_grad, dampening=True),
+                  fai.average_sqr_grad, fai.step_stat, fai.adam_step]
+    ours, theirs = make_groups(SHAPES), make_groups(SHAPES)
+    grads = gradient_stream(ours, 50)
+    hp = dict(lr=1e-2, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=1e-2)
+    for a, b in zip(run(fastopt.Optimizer(ours, cbs_ours, **hp), ours, grads),
+                    run(fai.Optimizer(theirs, cbs_theirs, **hp), theirs, grads)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+# ---- deliberate differences: fastai bugs that fastopt fixes ----
+
+def test_fix_param_groups_setter_sets_params():
+    "fastai's `param_groups` setter assigns to a loop variable, so new params are silently dropped"
+    a, b = torch.zeros(2), torch.ones(2)
+    theirs = fai.SGD([a], lr=0.1)
+    theirs.param_groups = [{'params': [b], 'lr': 0.5}]
+    assert theirs.param_lists[0][0] is a and theirs.hypers[0]['lr'] == 0.5   # fastai: params unchanged
+    ours = fastopt.SGD([a], lr=0.1)
+    ours.param_groups = [{'params': [b], 'lr': 0.5}]
+    assert ours.param_lists[0][0] is b and ours.hypers[0]['lr'] == 0.5
+
+@pytest.mark.parametrize('stepper', ['adam_step', 'radam_step', 'qhadam_step', 'lamb_step'])
+def test_fix_stepper_eps_default_is_merged(stepper):
+    "fastai stores these steppers' defaults as `_defaults`, which its Optimizer never reads"
+    def cbs(mod): return [partial(mod.average_grad, dampening=True), mod.average_sqr_grad, mod.step_stat,
+                          getattr(mod, stepper)]
+    extra = dict(mom=0.9, sqr_mom=0.99, nu_1=0.7, nu_2=1.0, beta=0.)
+    p = torch.ones(3); p.grad = torch.ones(3)
+    theirs = fai.Optimizer([p], cbs(fai), lr=0.1, **extra)
+    assert 'eps' not in theirs.hypers[0]
+    with pytest.raises(TypeError, match='eps'): theirs.step()
+    q = torch.ones(3); q.grad = torch.ones(3)
+    ours = fastopt.Optimizer([q], cbs(fastopt), lr=0.1, **extra)
+    assert ours.hypers[0]['eps'] == getattr(fastopt, stepper).defaults['eps']
+    ours.step()
+    assert (q < 1).all()
+
+def test_fix_state_dict_loads_with_weights_only():
+    "fastai's state dict holds fastcore `L` objects, which torch's safe loader refuses"
+    def saved(opt):
+        p = opt.param_lists[0][0]; p.grad = torch.ones_like(p); opt.step()
+        buf = io.BytesIO(); torch.save(opt.state_dict(), buf); buf.seek(0); return buf
+    with pytest.raises(Exception): torch.load(saved(fai.Adam([torch.ones(3)], lr=0.1)), weights_only=True)
+    sd = torch.load(saved(fastopt.Adam([torch.ones(3)], lr=0.1)), weights_only=True)
+    assert sd['state'][0]['step'] == 1
+
+def test_fix_load_state_dict_raises_value_error():
+    "fastai checks a state dict with bare asserts (gone under python -O); fastopt raises ValueError"
+    sd = fastopt.Adam([torch.ones(3)], lr=0.1).state_dict()
+    with pytest.raises(AssertionError): fai.Adam([torch.ones(3), torch.ones(2)], lr=0.1).load_state_dict(
+        fai.Adam([torch.ones(3)], lr=0.1).state_dict())
+    with pytest.raises(ValueError, match='1 parameters'):
+        fastopt.Adam([torch.ones(3), torch.ones(2)], lr=0.1).load_state_dict(sd)
+
+def test_fix_larc_moves_zero_parameters():
+    "fastai's LARC gives a parameter of norm 0 a local lr of 0, so it never moves; fastopt uses lr (as apex)"
+    for mod, moves in [(fai, False), (fastopt, True)]:
+        bias = torch.zeros(4); opt = mod.Larc([bias], lr=0.1)
+        for _ in range(3):
+            bias.grad = torch.ones(4); opt.step()
+        assert bool((bias != 0).all()) == moves, mod.__name__
+
+def test_fix_zero_grad_sets_to_none_by_default():
+    "fastai zeroes gradients in place; fastopt follows torch and sets them to None unless asked otherwise"
+    p = torch.ones(2); p.grad = torch.ones(2)
+    fai.SGD([p], lr=0.1).zero_grad(); assert p.grad is not None
+    fastopt.SGD([p], lr=0.1).zero_grad(); assert p.grad is None
+    p.grad = torch.ones(2); fastopt.SGD([p], lr=0.1).zero_grad(set_to_none=False)
+    assert torch.equal(p.grad, torch.zeros(2))
+
+def test_closure_supported():
+    "fastai raises NotImplementedError for a closure; torch.optim's contract is to call it under grad"
+    w = torch.ones(2, requires_grad=True)
+    opt = fastopt.SGD([w], lr=0.1)
+    def closure():
+        opt.zero_grad(); loss = (w*w).sum(); loss.backward(); return loss
+    assert opt.step(closure).item() == 2.
+    torch.testing.assert_close(w.detach(), torch.full((2,), 0.8))
+    with pytest.raises(NotImplementedError): fai.SGD([w], lr=0.1).step(closure)
