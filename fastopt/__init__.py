@@ -2,3 +2,4 @@ __version__ = "0.1.0"
 from .optimizer import *
 from .callbacks import *
 from .optimizers import *
+from .lookahead import *
