@@ -173,3 +173,25 @@ def test_bad_k_alpha(kw, msg):
 
 def test_wrapping_a_non_optimizer():
     with pytest.raises(TypeError, match='wraps a torch.optim.Optimizer'): Lookahead([torch.ones(1)])
+
+def test_wraps_a_torch_optimizer():
+    "Any torch.optim.Optimizer can be the inner optimizer: torch SGD with momentum is fastopt's SGD with L2"
+    a, b = make_groups(SHAPES), make_groups(SHAPES)
+    grads = gradient_stream(a, 40)
+    theirs = Lookahead(torch.optim.SGD([{'params': g} for g in a], lr=1e-2, momentum=0.9, weight_decay=1e-2), k=5,
+                       reset_state=True)
+    ours = Lookahead(SGD(b, lr=1e-2, mom=0.9, wd=1e-2, decouple_wd=False), k=5, reset_state=True)
+    _close(run(theirs, a, grads), run(ours, b, grads))
+    sd = theirs.state_dict()
+    assert sd['count'] == 40 and len(sd['slow_weights']) == 2
+    theirs.clear_state()
+    assert len(theirs.state) == 0 and theirs.slow_weights is None
+
+def test_deepcopy_and_pickle():
+    import pickle
+    model = _model(); opt = ranger(model.parameters(), lr=1e-2, k=4); _train(model, opt, _batches(5))
+    model2, opt2 = copy.deepcopy((model, opt))
+    _train(model, opt, _batches(3)); _train(model2, opt2, _batches(3))
+    for x, y in zip(model.parameters(), model2.parameters()): assert torch.equal(x, y)
+    restored = pickle.loads(pickle.dumps(opt))
+    assert restored.count == opt.count and restored.k == 4 and restored.hypers == opt.hypers
