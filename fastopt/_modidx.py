@@ -116,4 +116,5 @@ d = { 'settings': { 'branch': 'main',
                                     'fastopt.optimizers.RAdam': ('optimizers.html#radam', 'fastopt/optimizers.py'),
                                     'fastopt.optimizers.RMSProp': ('optimizers.html#rmsprop', 'fastopt/optimizers.py'),
                                     'fastopt.optimizers.SGD': ('optimizers.html#sgd', 'fastopt/optimizers.py'),
+                                    'fastopt.optimizers._adaptive': ('optimizers.html#_adaptive', 'fastopt/optimizers.py'),
                                     'fastopt.optimizers._decay': ('optimizers.html#_decay', 'fastopt/optimizers.py')}}}

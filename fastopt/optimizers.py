@@ -7,7 +7,7 @@ Docs: https://fastopt.github.io/fastopt/optimizers.html.md"""
 # %% ../nbs/03_optimizers.ipynb #aa12fb7a
 from __future__ import annotations
 from functools import partial
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from torch import Tensor
 from .optimizer import Optimizer
 from .callbacks import *
@@ -19,6 +19,10 @@ __all__ = ['SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb']
 def _decay(decouple_wd:bool) -> list:
     "The weight-decay callback: true weight decay, or L2 regularization"
     return [weight_decay] if decouple_wd else [l2_reg]
+
+def _adaptive(stepper:Callable) -> list:
+    "The stats of the Adam family (dampened gradient average, squared-gradient average, step count), then `stepper`"
+    return [partial(average_grad, dampening=True), average_sqr_grad, step_stat, stepper]
 
 # %% ../nbs/03_optimizers.ipynb #b043d9ee
 def SGD(
@@ -61,7 +65,7 @@ def Adam(
     decouple_wd:bool=True # True weight decay, or L2 regularization
 ) -> Optimizer:
     "Adam, or AdamW with `decouple_wd=True`"
-    cbs = _decay(decouple_wd) + [partial(average_grad, dampening=True), average_sqr_grad, step_stat, adam_step]
+    cbs = _decay(decouple_wd) + _adaptive(adam_step)
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/03_optimizers.ipynb #bb13fb67
@@ -76,7 +80,7 @@ def RAdam(
     decouple_wd:bool=True # True weight decay, or L2 regularization
 ) -> Optimizer:
     "RAdam (rectified Adam), or RAdamW with `decouple_wd=True`"
-    cbs = _decay(decouple_wd) + [partial(average_grad, dampening=True), average_sqr_grad, step_stat, radam_step]
+    cbs = _decay(decouple_wd) + _adaptive(radam_step)
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta)
 
 # %% ../nbs/03_optimizers.ipynb #f6930536
@@ -124,5 +128,5 @@ def Lamb(
     decouple_wd:bool=True # True weight decay, or L2 regularization
 ) -> Optimizer:
     "LAMB: Adam with a per-tensor trust ratio"
-    cbs = _decay(decouple_wd) + [partial(average_grad, dampening=True), average_sqr_grad, step_stat, lamb_step]
+    cbs = _decay(decouple_wd) + _adaptive(lamb_step)
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
