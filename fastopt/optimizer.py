@@ -17,8 +17,8 @@ from fastcore.basics import even_mults, patch
 from fastcore.foundation import L
 
 # %% auto #0
-__all__ = ['hyper_checks', 'resolve_hyper', 'non_negative', 'unit_interval', 'check_hyper', 'callback_defaults', 'callback_name',
-           'HyperView', 'Optimizer']
+__all__ = ['hyper_checks', 'torch_aliases', 'resolve_hyper', 'non_negative', 'unit_interval', 'check_hyper', 'callback_defaults',
+           'callback_name', 'HyperView', 'ParamGroup', 'Optimizer']
 
 # %% ../nbs/01_optimizer.ipynb #9b33b51d
 def _plain(v):
@@ -130,7 +130,8 @@ class HyperView(MutableMapping):
     def __init__(self, group:dict): self.group = group
     def __getitem__(self, k):
         if k == 'params': raise KeyError(k)
-        return self.group[k]
+        return dict.__getitem__(self.group, k)   # stored names only: torch's aliases are not hypers
+    def __contains__(self, k): return k != 'params' and dict.__contains__(self.group, k)
     def __setitem__(self, k, v):
         if k == 'params': raise KeyError("set parameters through `param_lists`, not `hypers`")
         check_hyper(k, v)
@@ -143,6 +144,33 @@ class HyperView(MutableMapping):
     def __repr__(self): return repr(dict(self))
 
 # %% ../nbs/01_optimizer.ipynb #0432ab3a
+torch_aliases = {'momentum': ('mom',), 'betas': ('mom', 'sqr_mom')}
+
+class ParamGroup(dict):
+    "A torch-style param group (or `defaults`) where torch's `momentum` and `betas` are views of `mom` and `sqr_mom`"
+    def _alias(self, k):
+        names = torch_aliases.get(k) if isinstance(k, str) else None
+        if names is None or dict.__contains__(self, k) or not all(dict.__contains__(self, n) for n in names): return None
+        return names
+    def __contains__(self, k): return dict.__contains__(self, k) or self._alias(k) is not None
+    def __getitem__(self, k):
+        names = self._alias(k)
+        if names is None: return dict.__getitem__(self, k)
+        vals = tuple(dict.__getitem__(self, n) for n in names)
+        return vals[0] if len(vals) == 1 else vals
+    def __setitem__(self, k, v):
+        names = self._alias(k)
+        if names is None: return dict.__setitem__(self, k, v)
+        vals = (v,) if len(names) == 1 else tuple(v)
+        if len(vals) != len(names): raise ValueError(f"{k!r} takes {len(names)} values ({', '.join(names)}), got {v!r}")
+        for n, x in zip(names, vals): check_hyper(n, x)
+        for n, x in zip(names, vals): dict.__setitem__(self, n, _plain(x))
+    def get(self, k, default=None): return self[k] if k in self else default
+    def setdefault(self, k, default=None):
+        if k not in self: self[k] = default
+        return self[k]
+
+# %% ../nbs/01_optimizer.ipynb #137048d0
 class Optimizer(torch.optim.Optimizer):
     "Update `params` by running the callbacks `cbs` on each of them, with per-group hyper-parameters"
     _keep_on_clear = ('force_train', 'do_wd')
@@ -160,7 +188,7 @@ class Optimizer(torch.optim.Optimizer):
         for i,g in enumerate(groups):
             for k,vals in per_group.items(): g.setdefault(k, vals[i])   # a group's own value wins
         # torch's `defaults` are what a group added later gets: the last group's values
-        super().__init__(groups, {k: vals[-1] for k,vals in per_group.items()})
+        super().__init__(groups, ParamGroup({k: vals[-1] for k,vals in per_group.items()}))
         self.frozen_idx = 0
 
     @property
@@ -178,7 +206,7 @@ class Optimizer(torch.optim.Optimizer):
             if not isinstance(g, Mapping) or 'params' not in g:
                 raise TypeError(f"group {i} must be a dict with a 'params' key, got {type(g).__name__}")
             base = {k: v for k,v in old[i].items() if k != 'params'} if old and i < len(old) else dict(self.defaults)
-            grp = {**base, **{k: _plain(v) for k,v in g.items() if k != 'params'}}
+            grp = ParamGroup({**base, **{k: _plain(v) for k,v in g.items() if k != 'params'}})
             for k,v in grp.items(): check_hyper(k, v)
             grp['params'] = _checked_params(i, g['params'], seen)
             new.append(grp)
@@ -220,7 +248,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if not had_flag: self.defaults.pop('differentiable', None)   # torch adds it; it is no hyper-parameter here
 
-# %% ../nbs/01_optimizer.ipynb #355e2209
+# %% ../nbs/01_optimizer.ipynb #cfad0175
 @patch
 def add_param_group(self:Optimizer,
     param_group:dict # A torch-style group: `{'params': [...], 'lr': ...}`
@@ -230,12 +258,12 @@ def add_param_group(self:Optimizer,
         raise TypeError(f"param_group must be a dict with a 'params' key, got {type(param_group).__name__}")
     if 'params' not in param_group: raise ValueError("param_group has no 'params' key")
     seen = {id(p): (i, j) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])}
-    group = {**self.defaults, **{k: _plain(v) for k,v in param_group.items() if k != 'params'}}
+    group = ParamGroup({**self.defaults, **{k: _plain(v) for k,v in param_group.items() if k != 'params'}})
     for k,v in group.items(): check_hyper(k, v)
     group['params'] = _checked_params(len(self.param_groups), param_group['params'], seen)
     self.param_groups.append(group)
 
-# %% ../nbs/01_optimizer.ipynb #137048d0
+# %% ../nbs/01_optimizer.ipynb #8c123f5b
 @patch
 @torch.no_grad()
 def _step_group(self:Optimizer, group:dict):
@@ -248,7 +276,7 @@ def _step_group(self:Optimizer, group:dict):
             new = cb(p, **{**state, **hyper})
             if isinstance(new, dict): state.update(new)
 
-# %% ../nbs/01_optimizer.ipynb #cfad0175
+# %% ../nbs/01_optimizer.ipynb #972ab069
 @patch
 @torch.no_grad()
 def step(self:Optimizer,
@@ -261,7 +289,7 @@ def step(self:Optimizer,
     for group in self.param_groups: self._step_group(group)
     return loss
 
-# %% ../nbs/01_optimizer.ipynb #a0264620
+# %% ../nbs/01_optimizer.ipynb #4c6638d0
 @patch
 def set_hypers(self:Optimizer, **kwargs):
     "Set each hyper-parameter in `kwargs` as `set_hyper` does; if any value is invalid, nothing changes"
@@ -284,7 +312,7 @@ def set_hyper(self:Optimizer,
     "Set hyper-parameter `k` of every group from `v`"
     self.set_hypers(**{k: v})
 
-# %% ../nbs/01_optimizer.ipynb #d891995a
+# %% ../nbs/01_optimizer.ipynb #53a142d6
 @patch
 def all_params(self:Optimizer,
     n:slice|int=slice(None), # The groups to include: a slice, or one group's index
@@ -295,7 +323,7 @@ def all_params(self:Optimizer,
     res = L((p, g['params'], self.state[p], HyperView(g)) for g in self.param_groups[n] for p in g['params'])
     return res.filter(lambda o: o[0].grad is not None) if with_grad else res
 
-# %% ../nbs/01_optimizer.ipynb #53a142d6
+# %% ../nbs/01_optimizer.ipynb #5711ef01
 @patch
 def freeze_to(self:Optimizer,
     n:int # Freeze the groups before `n`; negative counts from the end
@@ -323,13 +351,13 @@ def unfreeze(self:Optimizer):
     "Make every group trainable"
     self.freeze_to(0)
 
-# %% ../nbs/01_optimizer.ipynb #a2cf24cf
+# %% ../nbs/01_optimizer.ipynb #a149a5f1
 @patch
 def clear_state(self:Optimizer):
     "Reset the state of every parameter, keeping its `force_train` and `do_wd` flags"
     for p,s in list(self.state.items()): self.state[p] = {k: s[k] for k in self._keep_on_clear if k in s}
 
-# %% ../nbs/01_optimizer.ipynb #a149a5f1
+# %% ../nbs/01_optimizer.ipynb #db5993c1
 @patch
 def state_dict(self:Optimizer) -> dict:
     "The optimizer's state, in torch.optim's format plus the names of its callbacks"
@@ -339,7 +367,7 @@ def state_dict(self:Optimizer) -> dict:
     sd['callbacks'] = [callback_name(cb) for cb in self.cbs]
     return sd
 
-# %% ../nbs/01_optimizer.ipynb #076bcade
+# %% ../nbs/01_optimizer.ipynb #df5abf16
 def _loaded_value(v, p:Tensor, where:str):
     "A private copy of state value `v` for parameter `p`, after checking it fits"
     if not isinstance(v, Tensor): return copy.deepcopy(v)
@@ -381,7 +409,7 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
         state[p] = {k: _loaded_value(v, p, f"state {k!r} of parameter {idx}") for k,v in s.items()}
     return hypers, state
 
-# %% ../nbs/01_optimizer.ipynb #327092d1
+# %% ../nbs/01_optimizer.ipynb #6eab8f7b
 @patch
 def load_state_dict(self:Optimizer,
     state_dict:dict # From `state_dict()`, possibly through `torch.save`/`torch.load`
