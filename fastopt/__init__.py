@@ -3,3 +3,4 @@ from .optimizer import *
 from .callbacks import *
 from .optimizers import *
 from .lookahead import *
+from .wrapper import *

@@ -62,6 +62,23 @@ class Lookahead(Optimizer):
     def defaults(self): return self.opt.defaults
     @property
     def cbs(self): return getattr(self.opt, 'cbs', [])
+    # fastai's views come from the inner optimizer too (an OptimWrapper shows fastai's names over torch's groups)
+    @property
+    def hypers(self): return self.opt.hypers if hasattr(self.opt, 'hypers') else Optimizer.hypers.fget(self)
+    @hypers.setter
+    def hypers(self, v):
+        if hasattr(self.opt, 'hypers'): self.opt.hypers = v
+        else: Optimizer.hypers.fset(self, v)
+    @property
+    def param_lists(self): return [g['params'] for g in self.param_groups]
+    @param_lists.setter
+    def param_lists(self, v):
+        if hasattr(self.opt, 'param_lists'): self.opt.param_lists = v
+        else: Optimizer.param_lists.fset(self, v)
+    def set_hypers(self, **kwargs):
+        "Set hyper-parameters of the inner optimizer, as its `set_hypers` does"
+        if hasattr(self.opt, 'set_hypers'): self.opt.set_hypers(**kwargs)
+        else: Optimizer.set_hypers(self, **kwargs)
 
     def __getattr__(self, name):
         "Anything else comes from the inner optimizer, as fastai's `GetAttr` does"

@@ -195,3 +195,25 @@ def test_deepcopy_and_pickle():
     for x, y in zip(model.parameters(), model2.parameters()): assert torch.equal(x, y)
     restored = pickle.loads(pickle.dumps(opt))
     assert restored.count == opt.count and restored.k == 4 and restored.hypers == opt.hypers
+
+@pytest.mark.parametrize('k,alpha', [(5, 0.5), (3, 0.8)])
+def test_lookahead_over_optim_wrapper_matches_fastai(k, alpha):
+    ours, theirs = make_groups(SHAPES), make_groups(SHAPES)
+    grads = gradient_stream(ours, 60)
+    opt = Lookahead(fastopt.OptimWrapper(ours, torch.optim.AdamW, lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-2), k=k, alpha=alpha)
+    ref = fai.Lookahead(fai.OptimWrapper(theirs, torch.optim.AdamW, lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-2), k=k, alpha=alpha)
+    assert opt.hypers == ref.hypers and 'mom' in opt.hypers[0]
+    # fastai's Lookahead.set_hyper is a no-op over an OptimWrapper (see the test below): set its inner one
+    opt.set_hyper('lr', slice(1e-3, 1e-2)); ref.opt.set_hyper('lr', slice(1e-3, 1e-2))
+    opt.set_hyper('mom', 0.85); ref.opt.set_hyper('mom', 0.85)
+    assert opt.opt.opt.param_groups[0]['betas'] == (0.85, 0.99)
+    _close(run(opt, ours, grads), run(ref, theirs, grads))
+
+def test_fix_set_hyper_reaches_optim_wrapper_under_lookahead():
+    "fastai's Lookahead writes into `hypers`, which an OptimWrapper returns as fresh copies: the value is lost"
+    ref = fai.Lookahead(fai.OptimWrapper([torch.zeros(2)], torch.optim.AdamW, lr=1e-2))
+    ref.set_hyper('lr', 0.5)
+    assert ref.opt.opt.param_groups[0]['lr'] == 1e-2          # fastai: silently unchanged
+    opt = Lookahead(fastopt.OptimWrapper([torch.zeros(2)], torch.optim.AdamW, lr=1e-2))
+    opt.set_hyper('lr', 0.5)
+    assert opt.opt.opt.param_groups[0]['lr'] == 0.5 and opt.hypers[0]['lr'] == 0.5
