@@ -15,12 +15,17 @@ def _demo(*args):
 
 def test_demo_rejects_bad_options_in_one_line():
     for args, msg in [(['--cbs', 'nope'], "'nope' is not a fastopt callback"), (['--epochs', '0'], 'at least 1'),
-                      (['--only', 'Adamm'], "unknown optimizer 'Adamm'")]:
+                      (['--only', 'Adamm'], "unknown optimizer 'Adamm'"), (['--cbs-lr', '-1'], 'positive')]:
         res = _demo(*args)
         assert res.returncode == 2 and msg in res.stderr and 'Traceback' not in res.stderr
+        assert len([l for l in res.stderr.splitlines() if l.startswith('train_digits.py: error')]) == 1
 
-def test_demo_composed_optimizer_learns():
-    res = _demo('--epochs', '3', '--only', 'composed,Adam')
+def test_demo_trains_in_a_learner_and_plots(tmp_path):
+    plot = tmp_path/'curves.png'
+    res = _demo('--epochs', '3', '--only', 'composed,ranger', '--no-bar', '--plot', str(plot),
+                '--cbs', 'weight_decay,sgd_step')   # no callback declares mom: the demo adds it for fit_one_cycle
     assert res.returncode == 0, res.stderr
-    rows = [l.split() for l in res.stdout.splitlines() if l.startswith(('composed', 'Adam'))]
+    rows = [l.split() for l in res.stdout.splitlines() if l.startswith(('composed', 'ranger'))]
+    rows = [r for r in rows if len(r) == 4]
     assert len(rows) == 2 and all(float(r[2].rstrip('%')) > 85 for r in rows), res.stdout
+    assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
