@@ -45,10 +45,12 @@ def mlp(n_in, n_out):
 
 def two_groups(m): return [params(m[:3]), params(m[3])]
 
-def learner(opt_func, dls=None, model=None, **kw):
-    dls = dls or synth_dls()
-    model = model or mlp(4, 1)
-    return Learner(dls, model, loss_func=kw.pop('loss_func', MSELossFlat()), opt_func=opt_func,
+DATA = {'synth': lambda: (synth_dls(), mlp(4, 1), MSELossFlat()),
+        'digits': lambda: (digits_dls(), mlp(64, 10), CrossEntropyLossFlat())}
+
+def learner(opt_func, dls=None, model=None, data='synth', **kw):
+    d_dls, d_model, d_loss = DATA[data]()
+    return Learner(dls or d_dls, model or d_model, loss_func=kw.pop('loss_func', d_loss), opt_func=opt_func,
                    cbs=LossRecorder(), **kw)
 
 def fit(learn, method, *args, **kw):
@@ -89,16 +91,18 @@ def test_one_cycle_schedules_lr_and_mom_of_ranger_like_fastai():
     flat = {k: [float(x) for pair in v for x in pair] for k, v in recs.items()}   # 2 epochs of 8 train + 2 valid batches
     assert len(flat['fastopt']) == 2*20 and flat['fastopt'] == pytest.approx(flat['fastai.optimizer'], rel=1e-12)
 
-def test_lr_find_runs_and_restores():
-    learn = learner(fastopt.ranger)
+@pytest.mark.parametrize('data', list(DATA))
+def test_lr_find_runs_and_restores(data):
+    learn = learner(fastopt.ranger, data=data)
     before = [p.detach().clone() for p in learn.model.parameters()]
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter('ignore'); res = learn.lr_find(num_it=20, show_plot=False)
     assert res.valley > 0
     for a, b in zip(learn.model.parameters(), before): assert torch.equal(a, b)   # lr_find restores the weights
 
-def test_fine_tune_with_splitter_and_slice():
-    learn = learner(fastopt.Adam, model=mlp(4, 1), splitter=two_groups)
+@pytest.mark.parametrize('data', list(DATA))
+def test_fine_tune_with_splitter_and_slice(data):
+    learn = learner(fastopt.Adam, data=data, splitter=two_groups)
     frozen_seen = []
     class FrozenRecorder(Callback):
         def before_epoch(self): frozen_seen.append([p.requires_grad for p in self.model[0].parameters()])
@@ -109,8 +113,9 @@ def test_fine_tune_with_splitter_and_slice():
     lrs = [h['lr'] for h in learn.opt.hypers]
     assert lrs[0] < lrs[1]                                    # discriminative rates from the slice
 
-def test_wd_bn_bias_false_sets_do_wd_and_train_bn_sets_force_train():
-    learn = learner(partial(fastopt.Adam, wd=0.1), model=mlp(4, 1), splitter=two_groups, wd_bn_bias=False, train_bn=True)
+@pytest.mark.parametrize('data', list(DATA))
+def test_wd_bn_bias_false_sets_do_wd_and_train_bn_sets_force_train(data):
+    learn = learner(partial(fastopt.Adam, wd=0.1), data=data, splitter=two_groups, wd_bn_bias=False, train_bn=True)
     learn.create_opt()
     m = learn.model
     norm_and_bias = [m[1].weight, m[1].bias, m[0].bias, m[3].bias]
@@ -126,11 +131,12 @@ def test_wd_bn_bias_false_sets_do_wd_and_train_bn_sets_force_train():
     learn.opt.step()
     assert torch.equal(m[3].bias, bias)
 
-def test_save_load_with_optimizer_state(tmp_path):
-    learn = learner(fastopt.ranger, path=tmp_path)
+@pytest.mark.parametrize('data', list(DATA))
+def test_save_load_with_optimizer_state(tmp_path, data):
+    learn = learner(fastopt.ranger, data=data, path=tmp_path)
     fit(learn, 'fit_one_cycle', 1, 1e-2)
     learn.save('ckpt')
-    learn2 = learner(fastopt.ranger, path=tmp_path)
+    learn2 = learner(fastopt.ranger, data=data, path=tmp_path)
     learn2.load('ckpt')
     assert learn2.opt.count == learn.opt.count
     for a, b in zip(learn2.opt.slow_weights[0], learn.opt.slow_weights[0]): assert torch.equal(a, b)
@@ -138,12 +144,13 @@ def test_save_load_with_optimizer_state(tmp_path):
     for i in sa:
         for k, v in sa[i].items(): assert torch.equal(sb[i][k], v) if isinstance(v, torch.Tensor) else sb[i][k] == v
 
-def test_export_pickles_and_loads(tmp_path):
-    learn = learner(fastopt.ranger, path=tmp_path)
+@pytest.mark.parametrize('data', list(DATA))
+def test_export_pickles_and_loads(tmp_path, data):
+    learn = learner(fastopt.ranger, data=data, path=tmp_path)
     fit(learn, 'fit', 1, 1e-2)
     learn.export('export.pkl')
     with pytest.warns(UserWarning, match='insecure pickle'): loaded = load_learner(tmp_path/'export.pkl')
-    x = torch.randn(5, 4)
+    x = torch.randn(5, 4 if data == 'synth' else 64)
     learn.model.eval(); loaded.model.eval()
     assert torch.equal(loaded.model(x), learn.model(x))
 
