@@ -7,14 +7,13 @@ Docs: https://fastopt.github.io/fastopt/lookahead.html.md"""
 # %% ../nbs/04_lookahead.ipynb #3ec2e69a
 from __future__ import annotations
 import numbers
-from collections import OrderedDict
 from contextlib import contextmanager
 from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 from fastcore.meta import delegates
 from fastcore.basics import patch
-from .optimizer import Optimizer
+from .optimizer import Optimizer, init_torch_hooks
 from .optimizers import RAdam
 
 # %% auto #0
@@ -40,11 +39,7 @@ class Lookahead(Optimizer):
             raise TypeError(f"Lookahead wraps a torch.optim.Optimizer (any fastopt optimizer), got {type(opt).__name__}")
         _check_k_alpha(k, alpha)
         self.opt, self.k, self.alpha, self.reset_state = opt, k, alpha, reset_state
-        # what torch.optim.Optimizer.__init__ sets up, without creating groups of our own
-        for name in ('_optimizer_step_pre_hooks', '_optimizer_step_post_hooks', '_optimizer_state_dict_pre_hooks',
-                     '_optimizer_state_dict_post_hooks', '_optimizer_load_state_dict_pre_hooks',
-                     '_optimizer_load_state_dict_post_hooks'): setattr(self, name, OrderedDict())
-        self._patch_step_function()
+        init_torch_hooks(self)
         self._fast_backup = None   # fast weights while the slow ones are loaded for evaluation
         self._init_state()
 

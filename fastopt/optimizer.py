@@ -7,7 +7,7 @@ Docs: https://fastopt.github.io/fastopt/optimizer.html.md"""
 # %% ../nbs/01_optimizer.ipynb #bb00a488
 from __future__ import annotations
 import functools, math, numbers, warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 import copy
 import numpy as np
@@ -18,7 +18,7 @@ from fastcore.foundation import L
 
 # %% auto #0
 __all__ = ['hyper_checks', 'torch_aliases', 'resolve_hyper', 'non_negative', 'unit_interval', 'check_hyper', 'callback_defaults',
-           'callback_name', 'HyperView', 'ParamGroup', 'Optimizer']
+           'callback_name', 'HyperView', 'ParamGroup', 'Optimizer', 'init_torch_hooks']
 
 # %% ../nbs/01_optimizer.ipynb #9b33b51d
 def _plain(v):
@@ -248,7 +248,15 @@ class Optimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if not had_flag: self.defaults.pop('differentiable', None)   # torch adds it; it is no hyper-parameter here
 
-# %% ../nbs/01_optimizer.ipynb #cfad0175
+# %% ../nbs/01_optimizer.ipynb #2c2ef469
+def init_torch_hooks(opt:torch.optim.Optimizer):
+    "Set up the hook registries and the hooked `step` that `torch.optim.Optimizer.__init__` creates"
+    for name in ('_optimizer_step_pre_hooks', '_optimizer_step_post_hooks', '_optimizer_state_dict_pre_hooks',
+                 '_optimizer_state_dict_post_hooks', '_optimizer_load_state_dict_pre_hooks',
+                 '_optimizer_load_state_dict_post_hooks'): setattr(opt, name, OrderedDict())
+    opt._patch_step_function()
+
+# %% ../nbs/01_optimizer.ipynb #8c123f5b
 @patch
 def add_param_group(self:Optimizer,
     param_group:dict # A torch-style group: `{'params': [...], 'lr': ...}`
@@ -263,7 +271,7 @@ def add_param_group(self:Optimizer,
     group['params'] = _checked_params(len(self.param_groups), param_group['params'], seen)
     self.param_groups.append(group)
 
-# %% ../nbs/01_optimizer.ipynb #8c123f5b
+# %% ../nbs/01_optimizer.ipynb #6103f0df
 @patch
 @torch.no_grad()
 def _step_group(self:Optimizer, group:dict):
@@ -276,7 +284,7 @@ def _step_group(self:Optimizer, group:dict):
             new = cb(p, **{**state, **hyper})
             if isinstance(new, dict): state.update(new)
 
-# %% ../nbs/01_optimizer.ipynb #972ab069
+# %% ../nbs/01_optimizer.ipynb #8a2cf3dd
 @patch
 @torch.no_grad()
 def step(self:Optimizer,
@@ -289,7 +297,7 @@ def step(self:Optimizer,
     for group in self.param_groups: self._step_group(group)
     return loss
 
-# %% ../nbs/01_optimizer.ipynb #4c6638d0
+# %% ../nbs/01_optimizer.ipynb #d891995a
 @patch
 def set_hypers(self:Optimizer, **kwargs):
     "Set each hyper-parameter in `kwargs` as `set_hyper` does; if any value is invalid, nothing changes"
@@ -312,7 +320,7 @@ def set_hyper(self:Optimizer,
     "Set hyper-parameter `k` of every group from `v`"
     self.set_hypers(**{k: v})
 
-# %% ../nbs/01_optimizer.ipynb #53a142d6
+# %% ../nbs/01_optimizer.ipynb #e744222a
 @patch
 def all_params(self:Optimizer,
     n:slice|int=slice(None), # The groups to include: a slice, or one group's index
@@ -323,7 +331,7 @@ def all_params(self:Optimizer,
     res = L((p, g['params'], self.state[p], HyperView(g)) for g in self.param_groups[n] for p in g['params'])
     return res.filter(lambda o: o[0].grad is not None) if with_grad else res
 
-# %% ../nbs/01_optimizer.ipynb #5711ef01
+# %% ../nbs/01_optimizer.ipynb #909d25fd
 @patch
 def freeze_to(self:Optimizer,
     n:int # Freeze the groups before `n`; negative counts from the end
@@ -351,13 +359,13 @@ def unfreeze(self:Optimizer):
     "Make every group trainable"
     self.freeze_to(0)
 
-# %% ../nbs/01_optimizer.ipynb #a149a5f1
+# %% ../nbs/01_optimizer.ipynb #327092d1
 @patch
 def clear_state(self:Optimizer):
     "Reset the state of every parameter, keeping its `force_train` and `do_wd` flags"
     for p,s in list(self.state.items()): self.state[p] = {k: s[k] for k in self._keep_on_clear if k in s}
 
-# %% ../nbs/01_optimizer.ipynb #db5993c1
+# %% ../nbs/01_optimizer.ipynb #6eab8f7b
 @patch
 def state_dict(self:Optimizer) -> dict:
     "The optimizer's state, in torch.optim's format plus the names of its callbacks"
@@ -367,7 +375,7 @@ def state_dict(self:Optimizer) -> dict:
     sd['callbacks'] = [callback_name(cb) for cb in self.cbs]
     return sd
 
-# %% ../nbs/01_optimizer.ipynb #df5abf16
+# %% ../nbs/01_optimizer.ipynb #07d291a7
 def _loaded_value(v, p:Tensor, where:str):
     "A private copy of state value `v` for parameter `p`, after checking it fits"
     if not isinstance(v, Tensor): return copy.deepcopy(v)
@@ -409,7 +417,7 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
         state[p] = {k: _loaded_value(v, p, f"state {k!r} of parameter {idx}") for k,v in s.items()}
     return hypers, state
 
-# %% ../nbs/01_optimizer.ipynb #6eab8f7b
+# %% ../nbs/01_optimizer.ipynb #0a0873cd
 @patch
 def load_state_dict(self:Optimizer,
     state_dict:dict # From `state_dict()`, possibly through `torch.save`/`torch.load`

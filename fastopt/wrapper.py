@@ -6,12 +6,12 @@ Docs: https://fastopt.github.io/fastopt/wrapper.html.md"""
 
 # %% ../nbs/05_wrapper.ipynb #bf0c00c1
 from __future__ import annotations
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .optimizer import Optimizer, resolve_hyper, check_hyper, _is_group
+from .optimizer import Optimizer, init_torch_hooks, resolve_hyper, check_hyper, _is_group
 
 # %% auto #0
 __all__ = ['pytorch_hp_map', 'detuplify_pg', 'set_item_pg', 'OptimWrapper']
@@ -75,10 +75,7 @@ class OptimWrapper(Optimizer):
         self.bwd_map = {v: k for k, v in self.fwd_map.items()}
         self._flags = defaultdict(dict)   # force_train / do_wd flags that a Learner sets; not the torch state
         self.frozen_idx = 0
-        for name in ('_optimizer_step_pre_hooks', '_optimizer_step_post_hooks', '_optimizer_state_dict_pre_hooks',
-                     '_optimizer_state_dict_post_hooks', '_optimizer_load_state_dict_pre_hooks',
-                     '_optimizer_load_state_dict_post_hooks'): setattr(self, name, OrderedDict())
-        self._patch_step_function()
+        init_torch_hooks(self)
 
     @property
     def param_groups(self): return self.opt.param_groups
