@@ -403,7 +403,7 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
         if len(sg['params']) != len(g['params']):
             raise ValueError(f"group {i}: state dict has {len(sg['params'])} parameters, "
                              f"the optimizer has {len(g['params'])}")
-        lacking = sorted(k for k in g if k not in sg)
+        lacking = sorted(k for k in opt.defaults if k not in sg)   # the optimizer's own; not a scheduler's keys
         if lacking: raise ValueError(f"group {i}: state dict lacks hyper-parameters {lacking} that this optimizer uses")
         h = {k: copy.deepcopy(v) for k,v in sg.items() if k != 'params'}
         for k,v in h.items(): check_hyper(k, v)
@@ -427,8 +427,6 @@ def load_state_dict(self:Optimizer,
         res = hook(self, state_dict)
         if res is not None: state_dict = res
     hypers, state = _checked_state_dict(self, state_dict)
-    for g,h in zip(self.param_groups, hypers):
-        for k in [k for k in g if k != 'params']: del g[k]
-        g.update(h)
+    for g,h in zip(self.param_groups, hypers): g.update(h)   # keys only the live group has (a scheduler's) stay
     self.state = defaultdict(dict, state)
     for hook in self._optimizer_load_state_dict_post_hooks.values(): hook(self)

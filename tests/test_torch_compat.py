@@ -110,3 +110,14 @@ def test_save_load_round_trip_with_scheduler(make_opt):
     m2, o2, s2 = build(); m2.load_state_dict(ck['m']); o2.load_state_dict(ck['o']); s2.load_state_dict(ck['s'])
     train(m2, o2, s2, batches[4:])
     for a, b in zip(m2.parameters(), ref[0].parameters()): assert torch.equal(a, b)
+
+def test_checkpoint_from_before_a_scheduler_loads_after_one_was_created():
+    "Only the optimizer's own hyper-parameters must be in the checkpoint; a scheduler's bookkeeping keys stay"
+    w = torch.zeros(3); w.grad = torch.ones(3)
+    opt = Adam([w], lr=1e-3, wd=0.); opt.step(); sd = opt.state_dict()
+    opt2 = Adam([torch.zeros(3)], lr=1e-3, wd=0.)
+    s = sched.OneCycleLR(opt2, max_lr=1e-2, total_steps=10)
+    opt2.load_state_dict(sd)
+    g = opt2.param_groups[0]
+    assert g['max_lr'] == 1e-2 and 'initial_lr' in g and opt2.state[g['params'][0]]['step'] == 1
+    s.step()   # the scheduler still finds its keys
