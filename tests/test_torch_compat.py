@@ -120,4 +120,6 @@ def test_checkpoint_from_before_a_scheduler_loads_after_one_was_created():
     opt2.load_state_dict(sd)
     g = opt2.param_groups[0]
     assert g['max_lr'] == 1e-2 and 'initial_lr' in g and opt2.state[g['params'][0]]['step'] == 1
+    g['params'][0].grad = torch.ones(3); opt2.step()
     s.step()   # the scheduler still finds its keys
+    assert opt2.state[g['params'][0]]['step'] == 2
