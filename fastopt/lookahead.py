@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from fastcore.meta import delegates
 from fastcore.basics import patch
-from .optimizer import Optimizer, init_torch_hooks
+from .optimizer import Optimizer, WrappingOptimizer
 from .optimizers import RAdam
 
 # %% auto #0
@@ -27,7 +27,7 @@ def _check_k_alpha(k, alpha):
         raise ValueError(f"Lookahead alpha must be a number in (0, 1], got {alpha!r}")
 
 # %% ../nbs/04_lookahead.ipynb #56e55a3d
-class Lookahead(Optimizer):
+class Lookahead(WrappingOptimizer):
     "Wrap `opt` in a Lookahead optimizer: every `k` steps, move slow weights by `alpha` towards the fast ones"
     def __init__(self,
         opt:torch.optim.Optimizer, # The inner optimizer, which takes the fast steps
@@ -38,23 +38,16 @@ class Lookahead(Optimizer):
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"Lookahead wraps a torch.optim.Optimizer (any fastopt optimizer), got {type(opt).__name__}")
         _check_k_alpha(k, alpha)
-        self.opt, self.k, self.alpha, self.reset_state = opt, k, alpha, reset_state
-        init_torch_hooks(self)
+        super().__init__(opt)
+        self.k, self.alpha, self.reset_state = k, alpha, reset_state
         self._fast_backup = None   # fast weights while the slow ones are loaded for evaluation
         self._init_state()
 
     def _init_state(self): self.count, self._slow = 0, None
 
-    # The inner optimizer's groups and state are the only ones: torch schedulers, GradScaler and fastai's
-    # Learner all see (and write) them through these.
-    @property
-    def param_groups(self): return self.opt.param_groups
-    @param_groups.setter
-    def param_groups(self, v): self.opt.param_groups = v
+    # The inner optimizer's groups (see `WrappingOptimizer`) and state are the only ones
     @property
     def state(self): return self.opt.state
-    @property
-    def defaults(self): return self.opt.defaults
     @property
     def cbs(self): return getattr(self.opt, 'cbs', [])
     # fastai's views come from the inner optimizer too (an OptimWrapper shows fastai's names over torch's groups)
@@ -74,11 +67,6 @@ class Lookahead(Optimizer):
         "Set hyper-parameters of the inner optimizer, as its `set_hypers` does"
         if hasattr(self.opt, 'set_hypers'): self.opt.set_hypers(**kwargs)
         else: Optimizer.set_hypers(self, **kwargs)
-
-    def __getattr__(self, name):
-        "Anything else comes from the inner optimizer, as fastai's `GetAttr` does"
-        if name.startswith('__') or name in ('opt', '_slow', '_fast_backup'): raise AttributeError(name)
-        return getattr(self.opt, name)
 
 # %% ../nbs/04_lookahead.ipynb #c9089442
 @patch

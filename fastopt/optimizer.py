@@ -18,7 +18,7 @@ from fastcore.foundation import L
 
 # %% auto #0
 __all__ = ['hyper_checks', 'torch_aliases', 'resolve_hyper', 'non_negative', 'unit_interval', 'check_hyper', 'callback_defaults',
-           'callback_name', 'HyperView', 'ParamGroup', 'Optimizer', 'init_torch_hooks']
+           'callback_name', 'HyperView', 'ParamGroup', 'Optimizer', 'WrappingOptimizer']
 
 # %% ../nbs/01_optimizer.ipynb #9b33b51d
 def _plain(v):
@@ -249,12 +249,25 @@ class Optimizer(torch.optim.Optimizer):
         if not had_flag: self.defaults.pop('differentiable', None)   # torch adds it; it is no hyper-parameter here
 
 # %% ../nbs/01_optimizer.ipynb #2c2ef469
-def init_torch_hooks(opt:torch.optim.Optimizer):
-    "Set up the hook registries and the hooked `step` that `torch.optim.Optimizer.__init__` creates"
-    for name in ('_optimizer_step_pre_hooks', '_optimizer_step_post_hooks', '_optimizer_state_dict_pre_hooks',
-                 '_optimizer_state_dict_post_hooks', '_optimizer_load_state_dict_pre_hooks',
-                 '_optimizer_load_state_dict_post_hooks'): setattr(opt, name, OrderedDict())
-    opt._patch_step_function()
+class WrappingOptimizer(Optimizer):
+    "An optimizer over `opt`'s groups: `param_groups`, `defaults` and missing public attributes are `opt`'s"
+    def __init__(self, opt:torch.optim.Optimizer): # The optimizer whose groups this one works over
+        self.opt = opt
+        for name in ('_optimizer_step_pre_hooks', '_optimizer_step_post_hooks', '_optimizer_state_dict_pre_hooks',
+                     '_optimizer_state_dict_post_hooks', '_optimizer_load_state_dict_pre_hooks',
+                     '_optimizer_load_state_dict_post_hooks'): setattr(self, name, OrderedDict())
+        self._patch_step_function()   # the rest of what torch.optim.Optimizer.__init__ sets up
+
+    @property
+    def param_groups(self): return self.opt.param_groups
+    @param_groups.setter
+    def param_groups(self, v): self.opt.param_groups = v
+    @property
+    def defaults(self): return self.opt.defaults
+
+    def __getattr__(self, name):
+        if name.startswith('_') or name == 'opt': raise AttributeError(name)
+        return getattr(self.opt, name)
 
 # %% ../nbs/01_optimizer.ipynb #8c123f5b
 @patch

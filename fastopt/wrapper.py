@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .optimizer import Optimizer, init_torch_hooks, resolve_hyper, check_hyper, _is_group
+from .optimizer import WrappingOptimizer, resolve_hyper, check_hyper, _is_group
 
 # %% auto #0
 __all__ = ['pytorch_hp_map', 'detuplify_pg', 'set_item_pg', 'OptimWrapper']
@@ -47,7 +47,7 @@ def _torch_groups(params) -> list:
     "Groups from a fastai splitter (lists of tensors) as torch dicts; dicts pass through"
     return [g if isinstance(g, Mapping) else {'params': list(g)} for g in params]
 
-class OptimWrapper(Optimizer):
+class OptimWrapper(WrappingOptimizer):
     "Show a torch optimizer `opt` under fastai's hyper-parameter names; build it from `params` if `opt` is a constructor"
     def __init__(self,
         params:Tensor|Iterable|None=None, # Model parameters or groups; only when `opt` is a constructor
@@ -69,20 +69,13 @@ class OptimWrapper(Optimizer):
                 params = _torch_groups(params)
             opt = opt(params, **kwargs)
         else: raise TypeError(f"OptimWrapper's `opt` must be a torch optimizer or its constructor, got {type(opt).__name__}")
-        self.opt = opt
+        super().__init__(opt)
         hp_map = pytorch_hp_map if hp_map is None else hp_map
         self.fwd_map = {k: hp_map.get(k, k) for k in detuplify_pg(self.opt.param_groups[0])}
         self.bwd_map = {v: k for k, v in self.fwd_map.items()}
         self._flags = defaultdict(dict)   # force_train / do_wd flags that a Learner sets; not the torch state
         self.frozen_idx = 0
-        init_torch_hooks(self)
 
-    @property
-    def param_groups(self): return self.opt.param_groups
-    @param_groups.setter
-    def param_groups(self, v): self.opt.param_groups = v
-    @property
-    def defaults(self): return self.opt.defaults
     @property
     def state(self): return self._flags
     @property
@@ -99,11 +92,6 @@ class OptimWrapper(Optimizer):
         if len(v) != len(self.opt.param_groups):
             raise ValueError(f"got {len(v)} parameter lists, the optimizer has {len(self.opt.param_groups)} groups")
         for pg, ps in zip(self.opt.param_groups, v): pg['params'] = list(ps)
-
-    def __getattr__(self, name):
-        "Anything else comes from the torch optimizer"
-        if name.startswith('__') or name in ('opt', '_flags'): raise AttributeError(name)
-        return getattr(self.opt, name)
 
 # %% ../nbs/05_wrapper.ipynb #27121bde
 @patch

@@ -4,7 +4,7 @@ import io, pytest, torch
 from torch import nn
 from torch.optim import lr_scheduler as sched
 import fastopt
-from fastopt import Adam, SGD, RAdam, Lamb, ranger
+from fastopt import Adam, SGD, RAdam, Lamb, ranger, Lookahead
 
 def _model(): torch.manual_seed(0); return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
 def _batches(n):
@@ -123,3 +123,16 @@ def test_checkpoint_from_before_a_scheduler_loads_after_one_was_created():
     g['params'][0].grad = torch.ones(3); opt2.step()
     s.step()   # the scheduler still finds its keys
     assert opt2.state[g['params'][0]]['step'] == 2
+
+def test_grad_scaler_with_lookahead_over_a_fused_torch_optimizer():
+    "A wrapper never inherits private flags of the optimizer it wraps: fused AdamW's amp-scaling step is not Lookahead's"
+    model = _model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    assert getattr(inner, '_step_supports_amp_scaling', False)
+    opt = Lookahead(inner, k=2)
+    assert not getattr(opt, '_step_supports_amp_scaling', False)
+    assert opt.param_groups is inner.param_groups and opt.defaults is inner.defaults
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.)
+    for b in _batches(4):
+        opt.zero_grad(); scaler.scale(_loss(model, b)).backward(); scaler.step(opt); scaler.update()
+    assert opt.count == 4 and len(opt.slow_weights[0]) == 4
