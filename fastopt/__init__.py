@@ -4,3 +4,4 @@ from .callbacks import *
 from .optimizers import *
 from .lookahead import *
 from .wrapper import *
+from .fusion import NotTraceable, Sym, cache_dir

@@ -217,9 +217,10 @@ def larc_layer_lr(
 ) -> dict:
     "Compute the local learning rate of `p` in `local_lr` (before weight decay is applied)"
     p_norm, g_norm = torch.norm(p.data), torch.norm(p.grad.data)
-    if p_norm == 0 or g_norm == 0: return {'local_lr': lr}   # no trust ratio without both norms (as apex)
     local_lr = lr*trust_coeff * p_norm / (g_norm + p_norm*wd + eps)
-    return {'local_lr': local_lr.clamp(max=lr) if clip else local_lr}
+    if clip: local_lr = local_lr.clamp(max=lr)
+    # no trust ratio without both norms (as apex); `where`, not `if`, so that the fused path can follow it
+    return {'local_lr': torch.where((p_norm == 0) | (g_norm == 0), lr, local_lr)}
 
 larc_layer_lr.defaults = dict(trust_coeff=0.02, wd=0., eps=1e-8)
 
@@ -250,7 +251,7 @@ def lamb_step(
     r1 = p.data.pow(2).mean().sqrt()
     update = (grad_avg/debias1) / ((sqr_avg/debias2).sqrt()+eps)
     r2 = update.pow(2).mean().sqrt()
-    trust = 1 if r1 == 0 or r2 == 0 else min(r1/r2, 10)
+    trust = torch.where((r1 == 0) | (r2 == 0), 1., (r1/r2).clamp(max=10))   # a branch the fused path can follow
     p.data.add_(update, alpha=-lr*trust)
 
 lamb_step.defaults = dict(eps=1e-6, wd=0.)

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 from fastcore.basics import even_mults, patch
 from fastcore.foundation import L
+from .fusion import fused_step
 
 # %% auto #0
-__all__ = ['hyper_checks', 'torch_aliases', 'resolve_hyper', 'non_negative', 'unit_interval', 'check_hyper', 'callback_defaults',
-           'callback_name', 'HyperView', 'ParamGroup', 'Optimizer', 'WrappingOptimizer']
+__all__ = ['hyper_checks', 'torch_aliases', 'executions', 'resolve_hyper', 'non_negative', 'unit_interval', 'check_hyper',
+           'callback_defaults', 'callback_name', 'HyperView', 'ParamGroup', 'Optimizer', 'WrappingOptimizer']
 
 # %% ../nbs/01_optimizer.ipynb #9b33b51d
 def _plain(v):
@@ -190,6 +191,7 @@ class Optimizer(torch.optim.Optimizer):
         # torch's `defaults` are what a group added later gets: the last group's values
         super().__init__(groups, ParamGroup({k: vals[-1] for k,vals in per_group.items()}))
         self.frozen_idx = 0
+        self.execution_counts, self.fallback_reasons = {'fused': 0, 'per_param': 0}, []   # see `step`
 
     @property
     def param_groups(self) -> list[dict]:
@@ -285,19 +287,44 @@ def add_param_group(self:Optimizer,
     self.param_groups.append(group)
 
 # %% ../nbs/01_optimizer.ipynb #6103f0df
+executions = ('auto', 'fused', 'per_param')
+
+def _get_execution(self) -> str: return self.__dict__.get('_execution', 'auto')
+def _set_execution(self, v:str):
+    if v not in executions: raise ValueError(f"execution must be one of {executions}, got {v!r}")
+    self._execution = v
+Optimizer.execution = property(_get_execution, _set_execution,
+                               doc="How `step` runs the callbacks: 'auto', 'fused' or 'per_param'")
+
+def _get_inner_execution(self): return getattr(self.opt, 'execution', None)
+def _set_inner_execution(self, v):
+    if not isinstance(self.opt, Optimizer):
+        raise ValueError(f"execution applies to fastopt optimizers; {type(self.opt).__name__} runs its own step")
+    self.opt.execution = v
+WrappingOptimizer.execution = property(_get_inner_execution, _set_inner_execution,
+                                       doc="The wrapped optimizer's `execution`")
+
+# %% ../nbs/01_optimizer.ipynb #8a2cf3dd
 @patch
 @torch.no_grad()
-def _step_group(self:Optimizer, group:dict):
-    "Run the callbacks on each parameter of `group` that has a gradient (the per-parameter reference strategy)"
-    hyper = {k: v for k,v in group.items() if k != 'params'}
-    for p in group['params']:
-        if p.grad is None: continue
+def _step_params(self:Optimizer,
+    params:list, # Parameters with a gradient
+    hyper:dict # Their group's hyper-parameters
+):
+    "Run the callbacks on each of `params` in turn (the per-parameter reference strategy)"
+    for p in params:
         state = self.state[p]
         for cb in self.cbs:
             new = cb(p, **{**state, **hyper})
             if isinstance(new, dict): state.update(new)
 
-# %% ../nbs/01_optimizer.ipynb #8a2cf3dd
+@patch
+def _plan_group(self:Optimizer, group:dict) -> tuple[list, list, list[str]]:
+    "The fused kernel calls for `group`, the parameters left to the reference strategy, and why they were left"
+    if self.execution == 'per_param': return [], [p for p in group['params'] if p.grad is not None], []
+    return fused_step(self, group)
+
+# %% ../nbs/01_optimizer.ipynb #ad2e1ee6
 @patch
 @torch.no_grad()
 def step(self:Optimizer,
@@ -307,10 +334,19 @@ def step(self:Optimizer,
     loss = None
     if closure is not None:
         with torch.enable_grad(): loss = closure()
-    for group in self.param_groups: self._step_group(group)
+    plans = [self._plan_group(g) for g in self.param_groups]   # everything is checked before anything changes
+    reasons = sorted({r for _,_,rs in plans for r in rs})
+    if self.execution == 'fused' and any(rest for _,rest,_ in plans):
+        raise RuntimeError(f"execution='fused', but some parameters cannot be fused: {'; '.join(reasons)}")
+    counts = self.execution_counts
+    for g,(calls,rest,_) in zip(self.param_groups, plans):
+        for call in calls: call.run()
+        self._step_params(rest, {k: v for k,v in g.items() if k != 'params'})
+        counts['fused'] += sum(len(c.params) for c in calls); counts['per_param'] += len(rest)
+    self.fallback_reasons = reasons
     return loss
 
-# %% ../nbs/01_optimizer.ipynb #d891995a
+# %% ../nbs/01_optimizer.ipynb #773c5bae
 @patch
 def set_hypers(self:Optimizer, **kwargs):
     "Set each hyper-parameter in `kwargs` as `set_hyper` does; if any value is invalid, nothing changes"
@@ -333,7 +369,7 @@ def set_hyper(self:Optimizer,
     "Set hyper-parameter `k` of every group from `v`"
     self.set_hypers(**{k: v})
 
-# %% ../nbs/01_optimizer.ipynb #e744222a
+# %% ../nbs/01_optimizer.ipynb #5711ef01
 @patch
 def all_params(self:Optimizer,
     n:slice|int=slice(None), # The groups to include: a slice, or one group's index
@@ -344,7 +380,7 @@ def all_params(self:Optimizer,
     res = L((p, g['params'], self.state[p], HyperView(g)) for g in self.param_groups[n] for p in g['params'])
     return res.filter(lambda o: o[0].grad is not None) if with_grad else res
 
-# %% ../nbs/01_optimizer.ipynb #909d25fd
+# %% ../nbs/01_optimizer.ipynb #5f90fa2a
 @patch
 def freeze_to(self:Optimizer,
     n:int # Freeze the groups before `n`; negative counts from the end
@@ -372,13 +408,13 @@ def unfreeze(self:Optimizer):
     "Make every group trainable"
     self.freeze_to(0)
 
-# %% ../nbs/01_optimizer.ipynb #327092d1
+# %% ../nbs/01_optimizer.ipynb #db5993c1
 @patch
 def clear_state(self:Optimizer):
     "Reset the state of every parameter, keeping its `force_train` and `do_wd` flags"
     for p,s in list(self.state.items()): self.state[p] = {k: s[k] for k in self._keep_on_clear if k in s}
 
-# %% ../nbs/01_optimizer.ipynb #6eab8f7b
+# %% ../nbs/01_optimizer.ipynb #07d291a7
 @patch
 def state_dict(self:Optimizer) -> dict:
     "The optimizer's state, in torch.optim's format plus the names of its callbacks"
@@ -388,7 +424,7 @@ def state_dict(self:Optimizer) -> dict:
     sd['callbacks'] = [callback_name(cb) for cb in self.cbs]
     return sd
 
-# %% ../nbs/01_optimizer.ipynb #07d291a7
+# %% ../nbs/01_optimizer.ipynb #0a0873cd
 def _loaded_value(v, p:Tensor, where:str):
     "A private copy of state value `v` for parameter `p`, after checking it fits"
     if not isinstance(v, Tensor): return copy.deepcopy(v)
@@ -430,7 +466,7 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
         state[p] = {k: _loaded_value(v, p, f"state {k!r} of parameter {idx}") for k,v in s.items()}
     return hypers, state
 
-# %% ../nbs/01_optimizer.ipynb #0a0873cd
+# %% ../nbs/01_optimizer.ipynb #e8f1b779
 @patch
 def load_state_dict(self:Optimizer,
     state_dict:dict # From `state_dict()`, possibly through `torch.save`/`torch.load`
