@@ -6,7 +6,7 @@ Docs: https://fastopt.github.io/fastopt/fusion.html.md"""
 
 # %% ../nbs/08_fusion.ipynb #61e13ddd
 from __future__ import annotations
-import ctypes, hashlib, os, platform, subprocess, tempfile, threading
+import ctypes, functools, hashlib, os, platform, subprocess, tempfile, threading
 from pathlib import Path
 import numpy as np
 import torch
@@ -404,6 +404,7 @@ def cache_dir() -> Path:
     "Where compiled kernels are kept: `$FASTOPT_CACHE_DIR/kernels`, else `~/.cache/fastopt/kernels`"
     return Path(os.environ.get('FASTOPT_CACHE_DIR') or Path.home()/'.cache'/'fastopt')/'kernels'
 
+@functools.lru_cache(maxsize=None)
 def _cpu_tag() -> str:
     try:
         with open('/proc/cpuinfo') as f: flags = next((l for l in f if l.startswith('flags')), '')
@@ -433,34 +434,51 @@ def compile_kernel(source:str):
 
 # %% ../nbs/08_fusion.ipynb #81c71527
 _CHUNK = 16384   # elements per work item: enough to amortize a chunk's set-up, few enough to balance threads
+_FLOATS, _PLAIN = (torch.float32, torch.float64), (Tensor, torch.nn.Parameter)
 
 def why_not_fusable(p:Tensor) -> str|None:
     "Why parameter `p` (which has a gradient) cannot be fused, or `None` if it can"
     g = p.grad
-    if type(p) not in (Tensor, torch.nn.Parameter) or type(g) is not Tensor: return "a tensor subclass"
-    if p.device.type != 'cpu': return f"a tensor on {p.device.type} (fused kernels are for the CPU)"
-    if p.dtype not in (torch.float32, torch.float64): return f"dtype {p.dtype} (fused kernels take float32 and float64)"
-    if g.layout != torch.strided or g.dtype != p.dtype or g.shape != p.shape: return "a gradient of another kind"
-    if not (p.is_contiguous() and g.is_contiguous()): return "a non-contiguous tensor or gradient"
-    return None
+    if (type(p) in _PLAIN and type(g) is Tensor and p.is_cpu and g.is_cpu and p.dtype in _FLOATS and g.dtype == p.dtype
+        and g.layout is torch.strided and p.is_contiguous() and g.is_contiguous() and g.shape == p.shape):
+        return None   # the common case, checked first and fast: this runs for every parameter at every step
+    if type(p) not in _PLAIN or type(g) is not Tensor: return "a tensor subclass"
+    if not (p.is_cpu and g.is_cpu): return f"a tensor on {p.device.type} (fused kernels are for the CPU)"
+    if p.dtype not in _FLOATS: return f"dtype {p.dtype} (fused kernels take float32 and float64)"
+    if g.layout is not torch.strided or g.dtype != p.dtype or g.shape != p.shape: return "a gradient of another kind"
+    return "a non-contiguous tensor or gradient"
+
+_VALUE_TYPES = (int, float, bool, str, type(None))
 
 def state_key(p:Tensor, state:dict) -> tuple|None:
     "What the trace for `p` depends on: its state's names, their kinds, and its Python values (`None`: not fusable)"
-    key = []
+    key, shape, dtype = [], p.shape, p.dtype
     for k,v in state.items():
-        if isinstance(v, Tensor):
-            if type(v) is not Tensor or v.device != p.device: return None
-            if v.shape == p.shape and v.dtype == p.dtype and v.is_contiguous(): key.append((k, 'buffer'))
+        t = type(v)
+        if t in _VALUE_TYPES: key.append((k, 'value', t, v))
+        elif t is Tensor:
+            if not v.is_cpu: return None
+            if v.dtype == dtype and v.shape == shape and v.is_contiguous(): key.append((k, 'buffer'))
             elif v.numel() == 1: key.append((k, 'scalar'))
             else: return None
+        elif isinstance(v, Tensor): return None   # a subclass
         else:
             try: hash(v)
             except TypeError: return None
-            key.append((k, 'value', type(v), v))
+            key.append((k, 'value', t, v))
     return tuple(key)
+
+_items_cache = {}
 
 def _work_items(numel:np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "Chunks `(tensor, start, stop)` covering every tensor (an empty one gets one empty chunk), and each tensor's first"
+    key = numel.tobytes()
+    if key not in _items_cache:
+        if len(_items_cache) > 256: _items_cache.clear()
+        _items_cache[key] = _chunk(numel)
+    return _items_cache[key]
+
+def _chunk(numel:np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     chunks = np.maximum(1, -(-numel // _CHUNK))
     first = np.zeros(len(numel) + 1, np.int64); np.cumsum(chunks, out=first[1:])
     t = np.repeat(np.arange(len(numel), dtype=np.int64), chunks)
@@ -468,7 +486,7 @@ def _work_items(numel:np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(np.stack([t, lo, np.minimum(lo + _CHUNK, numel[t])], 1)), first
 
 # %% ../nbs/08_fusion.ipynb #d85f635a
-_sources = {}
+_kernels = {}   # Program.key -> kernel: a step that repeats a known program neither generates nor hashes code
 
 class FusedCall:
     "One kernel call stepping `params` (which share a state key) with the group's hyper-parameters"
@@ -487,9 +505,8 @@ class FusedCall:
         except NotTraceable: raise
         except Exception as e: raise NotTraceable(f"tracing raised {type(e).__name__}: {e}") from e
         self.prog = prog = Program(tr, final, self.buffer_keys)
-        src = _sources.get(prog.key)
-        if src is None: src = _sources[prog.key] = kernel_source(prog)
-        self.fn = compile_kernel(src)
+        self.fn = _kernels.get(prog.key)
+        if self.fn is None: self.fn = _kernels[prog.key] = compile_kernel(kernel_source(prog))
 
     def run(self):
         prog, params, states, tr = self.prog, self.params, self.states, self.prog.tr
@@ -530,16 +547,18 @@ def fused_step(
 ) -> tuple[list, list, list[str]]:
     "Prepare kernel calls for the parameters of `group`; returns the calls, the parameters left over, and why"
     hyper = {k: v for k,v in group.items() if k != 'params'}
-    by_key, rest, reasons = {}, [], []
+    by_key, rest, reasons, state = {}, [], [], opt.state
     for p in group['params']:
         if p.grad is None: continue
         why = why_not_fusable(p)
-        key = None if why else state_key(p, opt.state[p])
+        s = state[p]
+        key = None if why else state_key(p, s)
         if key is None:
             rest.append(p); reasons.append(why or "state that is neither tensors like the parameter nor numbers")
             continue
-        ps, ss = by_key.setdefault(key, ([], []))
-        ps.append(p); ss.append(opt.state[p])
+        members = by_key.get(key)
+        if members is None: by_key[key] = members = ([], [])
+        members[0].append(p); members[1].append(s)
     calls = []
     for key,(ps,ss) in by_key.items():
         try: calls.append(FusedCall(opt.cbs, hyper, key, ps, ss))

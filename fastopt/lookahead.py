@@ -78,6 +78,14 @@ def _slow_weights_for(self:Lookahead, params) -> dict:
         if p not in self._slow: self._slow[p] = p.detach().clone()
     return self._slow
 
+def _by_device_and_dtype(params:list, slow:dict) -> list[tuple[list, list]]:
+    "Fast and slow weights in lists of one device and dtype, as torch's multi-tensor (`_foreach_`) ops need"
+    groups = {}
+    for p in params:
+        fast, slows = groups.setdefault((p.device, p.dtype), ([], []))
+        fast.append(p); slows.append(slow[p])
+    return list(groups.values())
+
 @patch
 @torch.no_grad()
 def step(self:Lookahead,
@@ -94,9 +102,9 @@ def step(self:Lookahead,
     self.opt.step()
     self.count += 1
     if self.count % self.k == 0:
-        for p in params:
-            slow[p].lerp_(p, self.alpha)   # θ + α(φ - θ), exact at α = 1 (θ becomes φ bit for bit)
-            p.copy_(slow[p])
+        for fast, slows in _by_device_and_dtype(params, slow):
+            torch._foreach_lerp_(slows, fast, self.alpha)   # θ + α(φ - θ), exact at α = 1 (θ becomes φ bit for bit)
+            torch._foreach_copy_(fast, slows)
         if self.reset_state: self.opt.clear_state() if hasattr(self.opt, 'clear_state') else self.opt.state.clear()
     return loss
 
