@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv export clean-nbs
+.PHONY: demo test bench venv export clean-nbs
 
 venv: $(STAMP)
 
@@ -25,7 +25,12 @@ test: $(STAMP)
 	$(BIN)/nbdev-test --n-workers 2
 	$(BIN)/python -m pytest
 
-# Developer helpers (not needed by the two commands above).
+# One optimizer step against fastai and torch.optim (benchmarks/bench_step.py; ARGS='--help' for options).
+# `make bench ARGS=... > benchmarks/results/cpu.md` refreshes the table of the Performance page.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_step.py $(ARGS)
+
+# Developer helpers (not needed by the commands above).
 export: $(STAMP)
 	$(BIN)/nbdev-export
 clean-nbs: $(STAMP)

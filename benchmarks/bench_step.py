@@ -12,7 +12,7 @@ peak memory the step allocates beyond its state (from torch's profiler). fastopt
 included, is timed separately with an empty kernel cache.
 """
 from __future__ import annotations
-import argparse, gc, os, platform, statistics, sys, tempfile, time, warnings
+import argparse, gc, os, platform, random, statistics, sys, tempfile, time, warnings
 import torch
 
 # The weight shapes of torchvision's ResNet-18 (62 tensors, 11.7M floats), listed here so torchvision is not needed
@@ -135,20 +135,24 @@ def bench_set(set_name, shapes, optimizers, device, repeats, warmup):
         for _ in range(warmup): opt.step()
         runs.append(dict(set=set_name, opt=name, impl=label, step=opt.step, times=[], first=first, device=device,
                          peak=peak_extra_bytes(opt.step, device), opt_obj=opt))
-    for _ in range(repeats):   # interleaved: one step of each implementation per round
-        for r in runs: r['times'].append(timed(r['step'], device))
-    base = statistics.median(next(r for r in runs if r['opt'] == 'AdamW' and r['impl'] == 'torch fused')['times'])
+    rng = random.Random(0)
+    for _ in range(repeats):   # interleaved: one step of each implementation per round, in a shuffled order
+        for r in rng.sample(runs, len(runs)): r['times'].append(timed(r['step'], device))
+    base_times = runs[0]['times']   # torch fused AdamW, timed in the same rounds
+    base = statistics.median(base_times)
     rows = []
     for r in runs:
         if r is runs[0] and 'AdamW' not in optimizers: continue
         med = statistics.median(r['times'])
+        # the ratio within each round, then the median: robust to the machine's load drifting between rounds
+        vs_fused = statistics.median(t / b for t, b in zip(r['times'], base_times))
         floor = FLOOR_PASSES[r['opt']] * 4 * n_floats / bandwidth
         extra = ''
         if r['impl'] == 'fastopt':
             o = r['opt_obj']
             counts = getattr(o, 'execution_counts', None) or getattr(getattr(o, 'opt', None), 'execution_counts', {})
             if counts.get('per_param'): extra = f" ({counts['per_param']} param-steps per-parameter)"
-        rows.append(dict(set=r['set'], opt=r['opt'], impl=r['impl'] + extra, ms=med * 1e3, vs_fused=med / base,
+        rows.append(dict(set=r['set'], opt=r['opt'], impl=r['impl'] + extra, ms=med * 1e3, vs_fused=vs_fused,
                          vs_floor=med / floor, peak_mb=None if r['peak'] is None else r['peak'] / 2**20,
                          first_s=r['first']))
     info = dict(set=set_name, tensors=len(shapes), floats=n_floats, bandwidth=bandwidth, fused_ms=base * 1e3)
@@ -161,7 +165,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--sets', nargs='+', default=list(SETS), choices=list(SETS), help='parameter sets')
     ap.add_argument('--optimizers', nargs='+', default=OPTIMIZERS, choices=OPTIMIZERS, help='optimizers')
-    ap.add_argument('--repeats', type=int, default=15, help='timed rounds (the median is reported)')
+    ap.add_argument('--repeats', type=int, default=25, help='timed rounds (the median is reported)')
     ap.add_argument('--warmup', type=int, default=3, help='untimed steps first')
     ap.add_argument('--scale', type=float, default=1.0, help='divide every tensor size by this (a quick smoke run)')
     ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
@@ -169,7 +173,7 @@ def main(argv=None):
     if args.device.startswith('cuda') and not torch.cuda.is_available(): ap.error('CUDA is not available here')
     gpu = torch.cuda.get_device_name() if args.device.startswith('cuda') else None
     import fastai
-    print(f"# One optimizer step: median of {args.repeats} interleaved rounds\n")
+    print(f"# One optimizer step: medians of {args.repeats} interleaved rounds\n")
     print(f"torch {torch.__version__}, fastai {fastai.__version__}, Python {platform.python_version()}, "
           f"{platform.machine()}, {torch.get_num_threads()} threads" + (f", GPU: {gpu}" if gpu else ", CPU") + "\n")
     all_info, all_rows = [], []

@@ -184,6 +184,8 @@ class Sym:
     def zero_(self): return self._set(_fill(self, 0.))
     def fill_(self, v): return self._set(_fill(self, v))
 
+    def __getattr__(self, name): raise NotTraceable(f"tensor attribute or method {name!r}")
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         handler = _torch_functions.get(func)
@@ -417,14 +419,16 @@ def compile_kernel(source:str):
     key = hashlib.sha256('\0'.join([source, *_CFLAGS, _cpu_tag()]).encode()).hexdigest()[:32]
     with _lock:
         if key in _loaded: return _loaded[key]
-        d = cache_dir(); d.mkdir(parents=True, exist_ok=True)
+        d = cache_dir()
+        try: d.mkdir(parents=True, exist_ok=True)
+        except OSError as e: raise NotTraceable(f"the kernel cache {d} cannot be created ({e}); set FASTOPT_CACHE_DIR") from e
         lib = d/f'{key}.so'
         if not lib.exists():
             with tempfile.TemporaryDirectory(dir=d) as tmp:
                 (Path(tmp)/'k.c').write_text(source)
                 try: res = subprocess.run(['gcc', *_CFLAGS, 'k.c', '-o', 'k.so', '-lm'], cwd=tmp, capture_output=True, text=True)
                 except FileNotFoundError as e: raise NotTraceable("no C compiler (gcc) to build fused kernels") from e
-                if res.returncode: raise RuntimeError(f"gcc could not build a fused kernel:\n{res.stderr}")
+                if res.returncode: raise NotTraceable(f"gcc could not build a fused kernel:\n{res.stderr}")
                 os.replace(Path(tmp)/'k.so', lib)   # atomic: a concurrent process sees all of it or nothing
             compile_count += 1
         fn = ctypes.CDLL(str(lib)).fastopt_kernel
@@ -556,11 +560,11 @@ def fused_step(
         if key is None:
             rest.append(p); reasons.append(why or "state that is neither tensors like the parameter nor numbers")
             continue
-        members = by_key.get(key)
-        if members is None: by_key[key] = members = ([], [])
+        members = by_key.get((p.dtype, key))   # one kernel per dtype: it is compiled for one C type
+        if members is None: by_key[p.dtype, key] = members = ([], [])
         members[0].append(p); members[1].append(s)
     calls = []
-    for key,(ps,ss) in by_key.items():
+    for (_,key),(ps,ss) in by_key.items():
         try: calls.append(FusedCall(opt.cbs, hyper, key, ps, ss))
         except NotTraceable as e: rest += ps; reasons.append(str(e))
     return calls, rest, reasons
