@@ -15,7 +15,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['compile_count', 'NotTraceable', 'Trace', 'Sym', 'TracedParam', 'trace', 'Program', 'kernel_source', 'cache_dir',
-           'compile_kernel', 'why_not_fusable', 'state_key', 'FusedCall', 'fused_step']
+           'compile_kernel', 'why_not_fusable', 'state_key', 'FusedCall', 'plan_fused']
 
 # %% ../nbs/08_fusion.ipynb #768d0f18
 class NotTraceable(Exception):
@@ -114,34 +114,7 @@ class Sym:
     shape = ndim = property(_unsupported("a tensor's shape (it differs between the tensors of a group)"))
     __getitem__ = __setitem__ = _unsupported("indexing a tensor")
 
-    # arithmetic
-    def __add__(self, o): return _op('add', self, o)
-    def __radd__(self, o): return _op('add', o, self)
-    def __sub__(self, o): return _op('sub', self, o)
-    def __rsub__(self, o): return _op('sub', o, self)
-    def __mul__(self, o): return _op('mul', self, o)
-    def __rmul__(self, o): return _op('mul', o, self)
-    def __truediv__(self, o): return _op('div', self, o)
-    def __rtruediv__(self, o): return _op('div', o, self)
-    def __pow__(self, o): return self.pow(o)
-    def __rpow__(self, o): return _op('pow', o, self)
-    def __neg__(self): return _op('neg', self)
-    def __pos__(self): return self
-    def __abs__(self): return _op('abs', self)
-    def __eq__(self, o): return _op('eq', self, o)
-    def __ne__(self, o): return _op('ne', self, o)
-    def __lt__(self, o): return _op('lt', self, o)
-    def __le__(self, o): return _op('le', self, o)
-    def __gt__(self, o): return _op('gt', self, o)
-    def __ge__(self, o): return _op('ge', self, o)
-    def __and__(self, o): return _op('and', self, o)
-    def __rand__(self, o): return _op('and', o, self)
-    def __or__(self, o): return _op('or', self, o)
-    def __ror__(self, o): return _op('or', o, self)
-    def __iadd__(self, o): return self._set(self + o)
-    def __isub__(self, o): return self._set(self - o)
-    def __imul__(self, o): return self._set(self * o)
-    def __itruediv__(self, o): return self._set(self / o)
+    # arithmetic: the operators are generated below, from `_OPERATORS`
     def add(self, o, alpha=1): return self + (o if _is_one(alpha) else o*alpha)
     def sub(self, o, alpha=1): return self - (o if _is_one(alpha) else o*alpha)
     def mul(self, o): return self * o
@@ -153,15 +126,6 @@ class Sym:
         if isinstance(e, _SCALARS) and e == 0.5: return _op('sqrt', self)
         if isinstance(e, _SCALARS) and e == 1: return self.clone()
         return _op('pow', self, e)
-    def square(self): return _op('sq', self)
-    def sqrt(self): return _op('sqrt', self)
-    def rsqrt(self): return _op('rsqrt', self)
-    def exp(self): return _op('exp', self)
-    def log(self): return _op('log', self)
-    def log1p(self): return _op('log1p', self)
-    def abs(self): return _op('abs', self)
-    def neg(self): return _op('neg', self)
-    def sign(self): return _op('sign', self)
     def reciprocal(self): return _op('div', 1., self)
     def maximum(self, o): return _op('max', self, o)
     def minimum(self, o): return _op('min', self, o)
@@ -192,11 +156,28 @@ class Sym:
         if handler is None: raise NotTraceable(f"torch function {getattr(func, '__name__', func)}")
         return handler(*args, **(kwargs or {}))
 
-def _in_place(name:str):
-    def f(self, *args, **kwargs): return self._set(getattr(Sym, name)(self, *args, **kwargs))
-    f.__name__ = f.__qualname__ = name + '_'
+def _binary(op:str, reflected:bool=False):
+    def f(self, o): return _op(op, o, self) if reflected else _op(op, self, o)
     return f
 
+def _unary(op:str):
+    def f(self): return _op(op, self)
+    return f
+
+def _in_place(name:str):
+    def f(self, *args, **kwargs): return self._set(getattr(Sym, name)(self, *args, **kwargs))
+    return f
+
+_BINARY = dict(add='add', sub='sub', mul='mul', truediv='div', eq='eq', ne='ne', lt='lt', le='le', gt='gt', ge='ge',
+               **{'and': 'and', 'or': 'or'})
+_UNARY = dict(square='sq', sqrt='sqrt', rsqrt='rsqrt', exp='exp', log='log', log1p='log1p', abs='abs', neg='neg',
+              sign='sign', __neg__='neg', __abs__='abs')
+for _name,_op_name in _BINARY.items(): setattr(Sym, f'__{_name}__', _binary(_op_name))
+for _name in ('add', 'sub', 'mul', 'truediv', 'and', 'or', 'pow'):   # `2 * x`, `1 - x`, `b ** x`
+    setattr(Sym, f'__r{_name}__', _binary(_BINARY.get(_name, _name), reflected=True))
+for _name in ('add', 'sub', 'mul', 'truediv'): setattr(Sym, f'__i{_name}__', _in_place(f'__{_name}__'))   # `x += y`
+for _name,_op_name in _UNARY.items(): setattr(Sym, _name, _unary(_op_name))
+Sym.__pow__, Sym.__pos__ = Sym.pow, lambda self: self
 for _name in ('add', 'sub', 'mul', 'div', 'pow', 'square', 'sqrt', 'rsqrt', 'exp', 'log', 'log1p', 'abs', 'neg',
               'sign', 'reciprocal', 'maximum', 'minimum', 'clamp', 'clamp_min', 'clamp_max', 'addcmul', 'addcdiv',
               'lerp'):
@@ -545,14 +526,14 @@ class FusedCall:
             for k,col in outs.items(): s[k] = col[i]
 
 # %% ../nbs/08_fusion.ipynb #3f990045
-def fused_step(
+def plan_fused(
     opt, # An `Optimizer`: its `cbs` and `state` are used
-    group:dict # One of its `param_groups`
+    params:list, # The parameters of one of its groups
+    hyper:dict # That group's hyper-parameters
 ) -> tuple[list, list, list[str]]:
-    "Prepare kernel calls for the parameters of `group`; returns the calls, the parameters left over, and why"
-    hyper = {k: v for k,v in group.items() if k != 'params'}
+    "Prepare kernel calls for `params`; returns the calls, the parameters left over, and why"
     by_key, rest, reasons, state = {}, [], [], opt.state
-    for p in group['params']:
+    for p in params:
         if p.grad is None: continue
         why = why_not_fusable(p)
         s = state[p]

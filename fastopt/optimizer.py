@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from fastcore.basics import even_mults, patch
 from fastcore.foundation import L
-from .fusion import fused_step
+from .fusion import plan_fused
 
 # %% auto #0
 __all__ = ['hyper_checks', 'torch_aliases', 'executions', 'resolve_hyper', 'non_negative', 'unit_interval', 'check_hyper',
@@ -319,10 +319,10 @@ def _step_params(self:Optimizer,
             if isinstance(new, dict): state.update(new)
 
 @patch
-def _plan_group(self:Optimizer, group:dict) -> tuple[list, list, list[str]]:
-    "The fused kernel calls for `group`, the parameters left to the reference strategy, and why they were left"
-    if self.execution == 'per_param': return [], [p for p in group['params'] if p.grad is not None], []
-    return fused_step(self, group)
+def _plan_group(self:Optimizer, params:list, hyper:dict) -> tuple[list, list, list[str]]:
+    "The fused kernel calls for `params`, the parameters left to the reference strategy, and why they were left"
+    if self.execution == 'per_param': return [], [p for p in params if p.grad is not None], []
+    return plan_fused(self, params, hyper)
 
 # %% ../nbs/01_optimizer.ipynb #ad2e1ee6
 @patch
@@ -334,14 +334,15 @@ def step(self:Optimizer,
     loss = None
     if closure is not None:
         with torch.enable_grad(): loss = closure()
-    plans = [self._plan_group(g) for g in self.param_groups]   # everything is checked before anything changes
+    hypers = [{k: v for k,v in g.items() if k != 'params'} for g in self.param_groups]
+    plans = [self._plan_group(g['params'], h) for g,h in zip(self.param_groups, hypers)]   # all checked first
     reasons = sorted({r for _,_,rs in plans for r in rs})
     if self.execution == 'fused' and any(rest for _,rest,_ in plans):
         raise RuntimeError(f"execution='fused', but some parameters cannot be fused: {'; '.join(reasons)}")
     counts = self.execution_counts
-    for g,(calls,rest,_) in zip(self.param_groups, plans):
+    for hyper,(calls,rest,_) in zip(hypers, plans):
         for call in calls: call.run()
-        self._step_params(rest, {k: v for k,v in g.items() if k != 'params'})
+        self._step_params(rest, hyper)
         counts['fused'] += sum(len(c.params) for c in calls); counts['per_param'] += len(rest)
     self.fallback_reasons = reasons
     return loss
