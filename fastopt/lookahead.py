@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from fastcore.meta import delegates
 from fastcore.basics import patch
-from .optimizer import Optimizer, WrappingOptimizer
+from .optimizer import Optimizer, WrappingOptimizer, check_finite_grads
 from .optimizers import RAdam
 
 # %% auto #0
@@ -97,14 +97,17 @@ def step(self:Lookahead,
     loss = None
     if closure is not None:
         with torch.enable_grad(): loss = closure()
+    if self.nonfinite_grads == 'raise': check_finite_grads(self.param_lists, self._to_step())
     params = [p for g in self.param_groups for p in g['params']]
     slow = self._slow_weights_for(params)
     self.opt.step()
     self.count += 1
     if self.count % self.k == 0:
-        for fast, slows in _by_device_and_dtype(params, slow):
+        frozen = self._frozen() if self.frozen_idx else set()
+        for fast, slows in _by_device_and_dtype([p for p in params if p not in frozen], slow):
             torch._foreach_lerp_(slows, fast, self.alpha)   # θ + α(φ - θ), exact at α = 1 (θ becomes φ bit for bit)
             torch._foreach_copy_(fast, slows)
+        for p in frozen: slow[p].copy_(p)   # a frozen parameter stays where it is; its slow weight joins it there
         if self.reset_state: self.opt.clear_state() if hasattr(self.opt, 'clear_state') else self.opt.state.clear()
     return loss
 

@@ -18,8 +18,9 @@ from fastcore.foundation import L
 from .fusion import plan_fused
 
 # %% auto #0
-__all__ = ['hyper_checks', 'torch_aliases', 'executions', 'resolve_hyper', 'non_negative', 'unit_interval', 'check_hyper',
-           'callback_defaults', 'callback_name', 'HyperView', 'ParamGroup', 'Optimizer', 'WrappingOptimizer']
+__all__ = ['hyper_checks', 'torch_aliases', 'executions', 'nonfinite_policies', 'resolve_hyper', 'non_negative', 'unit_interval',
+           'check_hyper', 'callback_defaults', 'callback_name', 'HyperView', 'ParamGroup', 'Optimizer',
+           'WrappingOptimizer', 'NonFiniteGradError', 'check_finite_grads']
 
 # %% ../nbs/01_optimizer.ipynb #9b33b51d
 def _plain(v):
@@ -266,6 +267,10 @@ class WrappingOptimizer(Optimizer):
     def param_groups(self, v): self.opt.param_groups = v
     @property
     def defaults(self): return self.opt.defaults
+    @property
+    def frozen_idx(self): return getattr(self.opt, 'frozen_idx', 0)
+    @frozen_idx.setter
+    def frozen_idx(self, n): self.opt.frozen_idx = n   # so the wrapped optimizer's step skips the frozen groups
 
     def __getattr__(self, name):
         if name.startswith('_') or name == 'opt': raise AttributeError(name)
@@ -304,7 +309,41 @@ def _set_inner_execution(self, v):
 WrappingOptimizer.execution = property(_get_inner_execution, _set_inner_execution,
                                        doc="The wrapped optimizer's `execution`")
 
-# %% ../nbs/01_optimizer.ipynb #8a2cf3dd
+# %% ../nbs/01_optimizer.ipynb #ad2e1ee6
+nonfinite_policies = ('propagate', 'raise')
+
+class NonFiniteGradError(FloatingPointError):
+    "A gradient holds NaN or inf, and the optimizer's `nonfinite_grads` is `'raise'`"
+
+def _get_nonfinite(self) -> str: return self.__dict__.get('_nonfinite_grads', 'propagate')
+def _set_nonfinite(self, v:str):
+    if v not in nonfinite_policies: raise ValueError(f"nonfinite_grads must be one of {nonfinite_policies}, got {v!r}")
+    self._nonfinite_grads = v
+Optimizer.nonfinite_grads = property(_get_nonfinite, _set_nonfinite,
+    doc="What `step` does with a NaN or inf gradient: 'propagate' (default) or 'raise' before changing anything")
+
+def check_finite_grads(
+    param_lists:list, # Per group, all its parameters: errors name a parameter by its index here
+    to_check:list|None=None # Per group, the parameters whose gradients to check; default: all that have one
+):
+    "Raise `NonFiniteGradError`, naming the first offending parameter, if a gradient holds NaN or inf"
+    if to_check is None: to_check = [[p for p in ps if p.grad is not None] for ps in param_lists]
+    by_kind = {}
+    for ps in to_check:
+        for p in ps:
+            if p.grad.numel(): by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    # the largest magnitude of a gradient is NaN or inf exactly when the gradient holds one
+    if all(torch.stack(torch._foreach_norm(gs, float('inf'))).isfinite().all() for gs in by_kind.values()): return
+    for i,(ps,checked) in enumerate(zip(param_lists, to_check)):
+        for p in checked:
+            g = p.grad
+            if g.isfinite().all(): continue
+            j = next(j for j,q in enumerate(ps) if q is p)
+            raise NonFiniteGradError(
+                f"the gradient of parameter {j} of group {i} (shape {tuple(p.shape)}) holds {int(g.isnan().sum())} "
+                f"NaN and {int(g.isinf().sum())} inf of {g.numel()} values; nothing was changed (nonfinite_grads='raise')")
+
+# %% ../nbs/01_optimizer.ipynb #d298622d
 @patch
 @torch.no_grad()
 def _step_params(self:Optimizer,
@@ -321,21 +360,35 @@ def _step_params(self:Optimizer,
 @patch
 def _plan_group(self:Optimizer, params:list, hyper:dict) -> tuple[list, list, list[str]]:
     "The fused kernel calls for `params`, the parameters left to the reference strategy, and why they were left"
-    if self.execution == 'per_param': return [], [p for p in params if p.grad is not None], []
+    if self.execution == 'per_param': return [], params, []
     return plan_fused(self, params, hyper)
 
-# %% ../nbs/01_optimizer.ipynb #ad2e1ee6
+@patch
+def _frozen(self:Optimizer) -> set[Tensor]:
+    "The parameters that `freeze_to` froze (those of the first `frozen_idx` groups that `force_train` left alone)"
+    return {p for g in self.param_groups[:self.frozen_idx] for p in g['params'] if not p.requires_grad}
+
+@patch
+def _to_step(self:Optimizer) -> list[list[Tensor]]:
+    "Per group, the parameters `step` updates: those with a gradient, except the frozen ones"
+    # a frozen parameter can still hold a gradient from before it was frozen: zero_grad(set_to_none=False) keeps it
+    frozen = self._frozen() if self.frozen_idx else ()
+    return [[p for p in g['params'] if p.grad is not None and p not in frozen] for g in self.param_groups]
+
+# %% ../nbs/01_optimizer.ipynb #f5ff538a
 @patch
 @torch.no_grad()
 def step(self:Optimizer,
     closure:Callable|None=None # Re-evaluates the model under grad and returns the loss, as in torch.optim
 ):
-    "Update the stats and run the steppers on every parameter that has a gradient"
+    "Update the stats and run the steppers on every parameter that has a gradient and is not frozen"
     loss = None
     if closure is not None:
         with torch.enable_grad(): loss = closure()
+    to_step = self._to_step()
+    if self.nonfinite_grads == 'raise': check_finite_grads(self.param_lists, to_step)
     hypers = [{k: v for k,v in g.items() if k != 'params'} for g in self.param_groups]
-    plans = [self._plan_group(g['params'], h) for g,h in zip(self.param_groups, hypers)]   # all checked first
+    plans = [self._plan_group(ps, h) for ps,h in zip(to_step, hypers)]   # all checked before anything changes
     reasons = sorted({r for _,_,rs in plans for r in rs})
     if self.execution == 'fused' and any(rest for _,rest,_ in plans):
         raise RuntimeError(f"execution='fused', but some parameters cannot be fused: {'; '.join(reasons)}")
@@ -347,7 +400,7 @@ def step(self:Optimizer,
     self.fallback_reasons = reasons
     return loss
 
-# %% ../nbs/01_optimizer.ipynb #773c5bae
+# %% ../nbs/01_optimizer.ipynb #e744222a
 @patch
 def set_hypers(self:Optimizer, **kwargs):
     "Set each hyper-parameter in `kwargs` as `set_hyper` does; if any value is invalid, nothing changes"
@@ -370,7 +423,7 @@ def set_hyper(self:Optimizer,
     "Set hyper-parameter `k` of every group from `v`"
     self.set_hypers(**{k: v})
 
-# %% ../nbs/01_optimizer.ipynb #5711ef01
+# %% ../nbs/01_optimizer.ipynb #a2cf24cf
 @patch
 def all_params(self:Optimizer,
     n:slice|int=slice(None), # The groups to include: a slice, or one group's index
@@ -381,7 +434,7 @@ def all_params(self:Optimizer,
     res = L((p, g['params'], self.state[p], HyperView(g)) for g in self.param_groups[n] for p in g['params'])
     return res.filter(lambda o: o[0].grad is not None) if with_grad else res
 
-# %% ../nbs/01_optimizer.ipynb #5f90fa2a
+# %% ../nbs/01_optimizer.ipynb #a149a5f1
 @patch
 def freeze_to(self:Optimizer,
     n:int # Freeze the groups before `n`; negative counts from the end
@@ -409,13 +462,13 @@ def unfreeze(self:Optimizer):
     "Make every group trainable"
     self.freeze_to(0)
 
-# %% ../nbs/01_optimizer.ipynb #db5993c1
+# %% ../nbs/01_optimizer.ipynb #392e3507
 @patch
 def clear_state(self:Optimizer):
     "Reset the state of every parameter, keeping its `force_train` and `do_wd` flags"
     for p,s in list(self.state.items()): self.state[p] = {k: s[k] for k in self._keep_on_clear if k in s}
 
-# %% ../nbs/01_optimizer.ipynb #07d291a7
+# %% ../nbs/01_optimizer.ipynb #91652ca1
 @patch
 def state_dict(self:Optimizer) -> dict:
     "The optimizer's state, in torch.optim's format plus the names of its callbacks"
@@ -425,7 +478,7 @@ def state_dict(self:Optimizer) -> dict:
     sd['callbacks'] = [callback_name(cb) for cb in self.cbs]
     return sd
 
-# %% ../nbs/01_optimizer.ipynb #0a0873cd
+# %% ../nbs/01_optimizer.ipynb #d6ff7aa3
 def _loaded_value(v, p:Tensor, where:str):
     "A private copy of state value `v` for parameter `p`, after checking it fits"
     if not isinstance(v, Tensor): return copy.deepcopy(v)
@@ -467,7 +520,7 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
         state[p] = {k: _loaded_value(v, p, f"state {k!r} of parameter {idx}") for k,v in s.items()}
     return hypers, state
 
-# %% ../nbs/01_optimizer.ipynb #e8f1b779
+# %% ../nbs/01_optimizer.ipynb #a6156b68
 @patch
 def load_state_dict(self:Optimizer,
     state_dict:dict # From `state_dict()`, possibly through `torch.save`/`torch.load`

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from .optimizer import WrappingOptimizer, resolve_hyper, check_hyper, _is_group
+from .optimizer import WrappingOptimizer, resolve_hyper, check_hyper, check_finite_grads, _is_group
 
 # %% auto #0
 __all__ = ['pytorch_hp_map', 'detuplify_pg', 'set_item_pg', 'OptimWrapper']
@@ -108,8 +108,14 @@ def set_hypers(self:OptimWrapper, **kwargs):
 
 @patch
 def step(self:OptimWrapper, closure=None):
-    "The torch optimizer's step"
-    return self.opt.step(closure)
+    "The torch optimizer's step (after checking the gradients when `nonfinite_grads='raise'`)"
+    if self.nonfinite_grads != 'raise': return self.opt.step(closure)
+    loss = None
+    if closure is not None:
+        with torch.enable_grad(): loss = closure()
+    check_finite_grads(self.param_lists, self._to_step())
+    self.opt.step()
+    return loss
 
 @patch
 def zero_grad(self:OptimWrapper, set_to_none:bool=True): self.opt.zero_grad(set_to_none=set_to_none)

@@ -23,3 +23,23 @@ def run(opt, groups, grads):
     return flat
 
 SHAPES = [[(5, 4), (4,)], [(3, 3, 2), (7,), ()]]   # two groups, including a 0-d parameter
+
+def _optim_wrapper(ps, **kw):
+    import fastopt
+    return fastopt.OptimWrapper(ps, torch.optim.AdamW, lr=1e-2, weight_decay=1e-2, **kw)
+
+def zoo():
+    "Every optimizer the reliability promises cover: name -> factory(params), with hyper-parameters that move weights"
+    import fastopt
+    return {
+        'SGD': lambda ps: fastopt.SGD(ps, lr=0.05, mom=0.9, wd=1e-2),
+        'RMSProp': lambda ps: fastopt.RMSProp(ps, lr=1e-2, mom=0.9),
+        'Adam': lambda ps: fastopt.Adam(ps, lr=1e-2),
+        'RAdam': lambda ps: fastopt.RAdam(ps, lr=1e-2),
+        'QHAdam': lambda ps: fastopt.QHAdam(ps, lr=1e-2),
+        'Larc': lambda ps: fastopt.Larc(ps, lr=0.05),
+        'Lamb': lambda ps: fastopt.Lamb(ps, lr=1e-2),
+        'Lookahead': lambda ps: fastopt.Lookahead(fastopt.Adam(ps, lr=1e-2), k=3),
+        'ranger': lambda ps: fastopt.ranger(ps, lr=1e-2, k=3),
+        'OptimWrapper': _optim_wrapper,
+    }

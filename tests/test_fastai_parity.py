@@ -145,3 +145,45 @@ def test_closure_supported():
     assert opt.step(closure).item() == 2.
     torch.testing.assert_close(w.detach(), torch.full((2,), 0.8))
     with pytest.raises(NotImplementedError): fai.SGD([w], lr=0.1).step(closure)
+
+def _stale_gradients_then_freeze(make_opt, steps=3):
+    "Train both groups once, freeze the first, then step with the first group's gradients left in place"
+    groups = make_groups(SHAPES)
+    for p in (p for g in groups for p in g): p.requires_grad_(True)
+    opt = make_opt(groups)
+    for p in (p for g in groups for p in g): p.grad = torch.ones_like(p)
+    opt.step()
+    opt.freeze()
+    frozen = [p.detach().clone() for p in groups[0]]
+    for _ in range(steps): opt.step()
+    return [torch.equal(p, f) for p, f in zip(groups[0], frozen)]
+
+@pytest.mark.parametrize('name', ['Adam', 'SGD-mom'])
+def test_fix_frozen_parameters_are_never_stepped(name):
+    "fastai steps a frozen parameter that still holds a gradient (momentum keeps moving it); fastopt leaves it alone"
+    kw = dict(lr=1e-2, mom=0.9) if name == 'SGD-mom' else dict(lr=1e-2)
+    base = name.split('-')[0]
+    assert not any(_stale_gradients_then_freeze(lambda g: getattr(fai, base)(g, **kw)))
+    assert all(_stale_gradients_then_freeze(lambda g: getattr(fastopt, base)(g, **kw)))
+
+def _frozen_between_synchronisations(make_opt):
+    "One step of both groups, then freeze the first (its gradients dropped) and step: does the sync move it?"
+    groups = make_groups(SHAPES)
+    for p in (p for g in groups for p in g): p.requires_grad_(True)
+    opt = make_opt(groups)
+    for p in (p for g in groups for p in g): p.grad = torch.ones_like(p)
+    opt.step()
+    opt.freeze()
+    for p in groups[0]: p.grad = None
+    frozen = [p.detach().clone() for p in groups[0]]
+    opt.step()                                     # the synchronisation (k=2)
+    return opt, frozen, [torch.equal(p, f) for p, f in zip(groups[0], frozen)]
+
+def test_fix_lookahead_sync_leaves_frozen_parameters_alone():
+    "fastai's Lookahead pulls a parameter frozen between synchronisations back towards its slow weight"
+    _, _, unchanged = _frozen_between_synchronisations(lambda g: fai.Lookahead(fai.SGD(g, lr=0.1), k=2))
+    assert not any(unchanged)
+    opt, frozen, unchanged = _frozen_between_synchronisations(lambda g: fastopt.Lookahead(fastopt.SGD(g, lr=0.1), k=2))
+    assert all(unchanged)
+    # the slow weights joined the frozen ones, so unfreezing resumes training from where the group was frozen
+    assert all(torch.equal(s, f) for s, f in zip(opt.slow_weights[0], frozen))
