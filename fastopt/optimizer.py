@@ -162,7 +162,9 @@ class ParamGroup(dict):
         return vals[0] if len(vals) == 1 else vals
     def __setitem__(self, k, v):
         names = self._alias(k)
-        if names is None: return dict.__setitem__(self, k, v)
+        if names is None:
+            check_hyper(k, v)   # schedulers write here directly: a bad value fails now, not at the next step
+            return dict.__setitem__(self, k, v)
         vals = (v,) if len(names) == 1 else tuple(v)
         if len(vals) != len(names): raise ValueError(f"{k!r} takes {len(names)} values ({', '.join(names)}), got {v!r}")
         for n, x in zip(names, vals): check_hyper(n, x)
@@ -493,6 +495,10 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
     if not isinstance(sd, Mapping): raise TypeError(f"expected a state dict (a dict), got {type(sd).__name__}")
     missing = [k for k in ('state', 'param_groups') if k not in sd]
     if missing: raise ValueError(f"state dict is missing {missing}: expected the output of `state_dict()`")
+    extra = sorted(set(sd) - {'state', 'param_groups', 'callbacks'})
+    if extra:
+        by = ' (it was saved by a Lookahead: load it into one)' if 'slow_weights' in extra else ''
+        raise ValueError(f"state dict has keys {extra} that an {type(opt).__name__} does not save{by}")
     names = [callback_name(cb) for cb in opt.cbs]
     if 'callbacks' in sd and list(sd['callbacks']) != names:
         raise ValueError(f"state dict was saved by an optimizer with callbacks {list(sd['callbacks'])}; "

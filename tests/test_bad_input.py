@@ -95,6 +95,15 @@ def test_non_callable_callback():
     (lambda o: o.add_param_group({'params': o.param_lists[0][:1]}), ValueError, 'already parameter 0 of group 0'),
     (lambda o: o.add_param_group([torch.ones(1)]), TypeError, "a dict with a 'params' key"),
     (lambda o: o.freeze_to(1.5), TypeError, 'group index'),
+    (lambda o: o.set_hyper('wd', float('nan')), ValueError, "invalid 'wd'"),
+    (lambda o: o.set_hyper('eps', slice(-1e-8, 1e-8)), ValueError, "invalid 'eps'"),
+    (lambda o: o.set_hyper('lr', float('inf')), ValueError, "invalid 'lr'"),
+    (lambda o: o.set_hyper('mom', -0.1), ValueError, "invalid 'mom'"),
+    (lambda o: o.param_groups[1].__setitem__('betas', (0.9, 1.0)), ValueError, "invalid 'sqr_mom'"),
+    (lambda o: o.param_groups[0].__setitem__('momentum', 1.2), ValueError, "invalid 'mom'"),
+    (lambda o: o.param_groups[0].__setitem__('lr', float('nan')), ValueError, "invalid 'lr'"),
+    (lambda o: setattr(o, 'nonfinite_grads', 'ignore'), ValueError, 'nonfinite_grads must be one of'),
+    (lambda o: setattr(o, 'execution', 'cuda'), ValueError, 'execution must be one of'),
 ])
 def test_errors_leave_optimizer_unchanged(trained, call, err, msg):
     _, opt = trained
@@ -120,12 +129,25 @@ def _state_dict_of(factory, groups_shapes, **kw):
     opt.step()
     return opt.state_dict()
 
+def _optimizer_like_trained():
+    return Adam([[torch.zeros(3, 4), torch.zeros(3)], [torch.zeros(2, 3), torch.zeros(2)]], lr=0.1)
+
+def _torch_adam_state_dict():
+    "Another library's optimizer over parameters of the same shapes"
+    ps = [torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, 3), torch.zeros(2)]
+    opt = torch.optim.Adam([{'params': ps[:2]}, {'params': ps[2:]}])
+    for p in ps: p.grad = torch.ones_like(p)
+    opt.step()
+    return opt.state_dict()
+
 @pytest.mark.parametrize('make_sd,err,msg', [
     (lambda: _state_dict_of(SGD, [[(3, 4), (3,)], [(2, 3), (2,)]], lr=0.1, mom=0.9), ValueError, 'callbacks'),
     (lambda: _state_dict_of(Adam, [[(3, 4), (3,), (2, 3), (2,)]], lr=0.1), ValueError, '1 parameter groups'),
     (lambda: _state_dict_of(Adam, [[(3, 4)], [(2, 3), (2,)]], lr=0.1), ValueError, 'group 0: state dict has 1 parameters'),
     (lambda: _state_dict_of(Adam, [[(4, 3), (3,)], [(2, 3), (2,)]], lr=0.1), ValueError, r'has shape \(4, 3\)'),
     (lambda: {'state': {}}, ValueError, "missing \\['param_groups'\\]"),
+    (lambda: fastopt.Lookahead(_optimizer_like_trained()).state_dict(), ValueError, 'saved by a Lookahead'),
+    (lambda: _torch_adam_state_dict(), ValueError, r"lacks hyper-parameters \['mom', 'sqr_mom', 'wd'\]"),
     (lambda: [1, 2], TypeError, 'expected a state dict'),
 ])
 def test_load_state_dict_mismatch_changes_nothing(trained, make_sd, err, msg):
