@@ -5,3 +5,4 @@ from .optimizers import *
 from .lookahead import *
 from .wrapper import *
 from .fusion import NotTraceable, Sym, cache_dir
+from .distributed import *

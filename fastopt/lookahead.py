@@ -78,6 +78,10 @@ def _slow_weights_for(self:Lookahead, params) -> dict:
         if p not in self._slow: self._slow[p] = p.detach().clone()
     return self._slow
 
+def _plain_tensor(p:Tensor) -> bool:
+    "Is `p` a plain tensor? Tensor subclasses such as DTensor lack some multi-tensor (`_foreach_`) ops"
+    return type(p) in (Tensor, torch.nn.Parameter)
+
 def _by_device_and_dtype(params:list, slow:dict) -> list[tuple[list, list]]:
     "Fast and slow weights in lists of one device and dtype, as torch's multi-tensor (`_foreach_`) ops need"
     groups = {}
@@ -104,9 +108,12 @@ def step(self:Lookahead,
     self.count += 1
     if self.count % self.k == 0:
         frozen = self._frozen() if self.frozen_idx else set()
-        for fast, slows in _by_device_and_dtype([p for p in params if p not in frozen], slow):
+        moving = [p for p in params if p not in frozen]
+        for fast, slows in _by_device_and_dtype([p for p in moving if _plain_tensor(p)], slow):
             torch._foreach_lerp_(slows, fast, self.alpha)   # θ + α(φ - θ), exact at α = 1 (θ becomes φ bit for bit)
             torch._foreach_copy_(fast, slows)
+        for p in (p for p in moving if not _plain_tensor(p)):   # e.g. DTensor shards: the same, one tensor at a time
+            slow[p].lerp_(p, self.alpha); p.copy_(slow[p])
         for p in frozen: slow[p].copy_(p)   # a frozen parameter stays where it is; its slow weight joins it there
         if self.reset_state: self.opt.clear_state() if hasattr(self.opt, 'clear_state') else self.opt.state.clear()
     return loss

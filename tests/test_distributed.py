@@ -1,0 +1,90 @@
+"""fastopt under torch.distributed: 2 processes, gloo on loopback, a small model and a dozen steps. DDP (both
+execution strategies), ZeRO, FSDP2 (DTensor parameters) and sharded Lookahead checkpoints, each compared with a
+single-process run on the full batches. The jobs run in tests/dist_worker.py."""
+import os, subprocess, sys
+from pathlib import Path
+import pytest, torch
+import dist_worker as W
+
+WORLD = 2
+DDP = [f'ddp:{name}:{execution}' for name in ('ranger', 'Adam', 'Lamb', 'SGD') for execution in ('auto', 'per_param')]
+ZERO = ['zero:Adam', 'zero:RAdam']
+FSDP = [f'fsdp:{name}' for name in ('Adam', 'RAdam', 'SGD', 'Lamb', 'Larc', 'ranger')]
+SCENARIOS = DDP + ZERO + FSDP + ['fsdp_strict', 'fsdp_checkpoint']
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    "Run every scenario in one pair of processes; per scenario, what each rank found"
+    out = tmp_path_factory.mktemp('dist')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'GLOO_SOCKET_IFNAME': 'lo'}   # two processes share two cores
+    cmd = [sys.executable, str(Path(__file__).parent/'dist_worker.py')]
+    procs = [subprocess.Popen(cmd + [str(r), str(WORLD), str(out/'rendezvous'), str(out), *SCENARIOS], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None: p.kill(); p.wait()
+    for p, log in zip(procs, logs): assert p.returncode == 0, log[-4000:]
+    res = {}
+    for s in SCENARIOS:
+        ranks = [torch.load(out/f'{s}.rank{r}.pt', weights_only=False) for r in range(WORLD)]
+        for r in ranks: assert 'error' not in r, f'{s}: {r.get("error")}'
+        res[s] = ranks
+    return res
+
+def assert_close(got, expected, what):
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6, msg=lambda m: f'{what}, {k}: {m}')
+
+def assert_equal(a, b, what):
+    for k, v in b.items(): assert torch.equal(a[k], v), f'{what}: {k} differs'
+
+@pytest.mark.parametrize('scenario', DDP)
+def test_ddp_matches_single_process_on_full_batches(results, scenario):
+    _, name, execution = scenario.split(':')
+    r0, r1 = results[scenario]
+    assert_equal(r0['weights'], r1['weights'], 'rank 0 vs rank 1')
+    assert_close(r0['weights'], W.reference(name), f'{scenario} vs one process')
+    strategy = 'per_param' if execution == 'per_param' else 'fused'
+    assert r0['counts'][strategy] == 4 * W.STEPS and sum(r0['counts'].values()) == 4 * W.STEPS
+
+@pytest.mark.parametrize('scenario', ZERO)
+def test_zero_shards_state_and_matches_unsharded_run(results, scenario):
+    name = scenario.split(':')[1]
+    r0, r1 = results[scenario]
+    assert_equal(r0['weights'], r1['weights'], 'rank 0 vs rank 1')
+    assert_close(r0['weights'], W.reference(name), f'{scenario} vs one process')
+    # each rank holds the state of its own share only, and the shares cover the model
+    assert 0 < r0['local_state'] < r0['n_params'] and r0['local_state'] + r1['local_state'] == r0['n_params']
+    for r in (r0, r1): assert_equal(r['resumed'], r['weights'], f'{scenario}: resumed from the consolidated state dict')
+
+@pytest.mark.parametrize('scenario', FSDP)
+def test_fsdp2_matches_unsharded_run(results, scenario):
+    name = scenario.split(':')[1]
+    r0, r1 = results[scenario]
+    assert_equal(r0['weights'], r1['weights'], 'rank 0 vs rank 1')
+    assert_close(r0['weights'], W.reference(name), f'{scenario} vs one process')
+    assert r0['local_shapes'] != [tuple(v.shape) for v in r0['weights'].values()], 'parameters must be sharded'
+    assert r0['counts']['fused'] == 0 and r0['counts']['per_param'] == 4 * W.STEPS
+    assert r0['reasons'] == ['a tensor subclass']
+
+def test_lamb_and_larc_norms_are_of_the_whole_parameter(results):
+    "Norms of the local shards would give other trust ratios, and other weights (checked above); here: they communicate"
+    for name in ('Lamb', 'Larc'): assert results[f'fsdp:{name}'][0]['step_collectives'] > 0
+
+def test_lookahead_under_fsdp2_is_sharded_and_syncs_without_communication(results):
+    r0, r1 = results['fsdp:ranger']
+    assert r0['slow_sharded_like_params'] and r1['slow_sharded_like_params']
+    assert r0['step_collectives'] == 0   # RAdam's step and the synchronisation: element-wise on the shards
+
+def test_fsdp2_strict_fused_execution_refuses_dtensors(results):
+    for r in results['fsdp_strict']:
+        assert "execution='fused'" in r['step_error'] and 'tensor subclass' in r['step_error']
+        assert r['untouched']
+
+def test_sharded_lookahead_checkpoint_resumes_exactly(results):
+    for r in results['fsdp_checkpoint']:
+        assert r['count_after_load'] == W.FIRST
+        assert_equal(r['resumed'], r['weights'], 'resumed from a torch.distributed.checkpoint')
+    assert_close(results['fsdp_checkpoint'][0]['weights'], W.reference('ranger'), 'sharded ranger vs one process')
