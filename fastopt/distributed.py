@@ -14,7 +14,7 @@ from .lookahead import Lookahead
 # %% auto #0
 __all__ = ['distributed_state_dict', 'load_distributed_state_dict']
 
-# %% ../nbs/11_distributed.ipynb #60b8aea3
+# %% ../nbs/11_distributed.ipynb #097af184
 def _names(model:nn.Module) -> dict:
     "Each parameter's name, without the wrappers' prefixes (as torch.distributed.checkpoint names them)"
     wrappers = {'module', '_orig_mod', '_checkpoint_wrapped_module', '_fsdp_wrapped_module'}
@@ -32,7 +32,7 @@ def _lookahead_params(model, opt) -> list[tuple[str, torch.Tensor]]:
     if missing: raise ValueError(f"parameters {missing} of the optimizer are not parameters of the model")
     return [(names[p], p) for p in params]
 
-# %% ../nbs/11_distributed.ipynb #5e02f9a1
+# %% ../nbs/11_distributed.ipynb #b60afd01
 def distributed_state_dict(
     model:nn.Module, # The model (plain, DDP-wrapped, or sharded with FSDP2)
     opt:torch.optim.Optimizer # Its optimizer: any fastopt optimizer, Lookahead included
@@ -50,7 +50,7 @@ def distributed_state_dict(
                                             for n,p in _lookahead_params(model, opt)}}
     return sd
 
-# %% ../nbs/11_distributed.ipynb #097af184
+# %% ../nbs/11_distributed.ipynb #4124cbad
 @torch.no_grad()
 def load_distributed_state_dict(
     model:nn.Module, # The model the state dict is for

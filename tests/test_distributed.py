@@ -88,3 +88,27 @@ def test_sharded_lookahead_checkpoint_resumes_exactly(results):
         assert r['count_after_load'] == W.FIRST
         assert_equal(r['resumed'], r['weights'], 'resumed from a torch.distributed.checkpoint')
     assert_close(results['fsdp_checkpoint'][0]['weights'], W.reference('ranger'), 'sharded ranger vs one process')
+
+def _fastai_run(tmp_path, *flags):
+    "fastai's distrib_ctx with 2 CPU processes (torchrun); what each rank saved"
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', str(WORLD),
+           str(Path(__file__).parent/'fastai_distrib_worker.py'), str(tmp_path), *flags]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return [torch.load(tmp_path/f'fastai.rank{r}.pt', weights_only=False) for r in range(WORLD)]
+
+def test_fastai_distributed_data_loader_needs_cuda(tmp_path):
+    "Why fastai's own distributed path cannot run on a CPU-only torch: DistributedDL broadcasts indices on CUDA"
+    for r in _fastai_run(tmp_path): assert r['error'] == 'AssertionError: Torch not compiled with CUDA enabled'
+
+def test_ranger_trains_under_fastai_distrib_ctx_with_a_cpu_broadcast(tmp_path):
+    "The same run with that one method doing its broadcast on CPU: Accelerate's DDP, fastai's loop, fastopt.ranger"
+    import fastai_distrib_worker as F
+    r0, r1 = _fastai_run(tmp_path, '--cpu-broadcast')
+    assert r0['wrapped'] == r1['wrapped'] == 'DistributedDataParallel'
+    n_batches = F.N_EPOCH * (224 // 16) // WORLD                   # each rank takes half of every epoch
+    assert r0['n_batches'] == r1['n_batches'] == n_batches and r0['count'] == r1['count'] == n_batches
+    assert_equal(r0['weights'], r1['weights'], 'rank 0 vs rank 1')
+    first, last = sum(r0['losses'][:4]) / 4, sum(r0['losses'][-4:]) / 4
+    assert last < 0.5 * first, (first, last)
