@@ -296,12 +296,16 @@ def add_param_group(self:Optimizer,
 # %% ../nbs/01_optimizer.ipynb #6103f0df
 executions = ('auto', 'fused', 'per_param')
 
-def _get_execution(self) -> str: return self.__dict__.get('_execution', 'auto')
-def _set_execution(self, v:str):
-    if v not in executions: raise ValueError(f"execution must be one of {executions}, got {v!r}")
-    self._execution = v
-Optimizer.execution = property(_get_execution, _set_execution,
-                               doc="How `step` runs the callbacks: 'auto', 'fused' or 'per_param'")
+def _choice_property(name:str, choices:tuple, doc:str) -> property:
+    "A setting that takes one of `choices` (the first is the default), checked when set"
+    def get(self): return self.__dict__.get('_' + name, choices[0])
+    def set(self, v):
+        if v not in choices: raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+        self.__dict__['_' + name] = v
+    return property(get, set, doc=doc)
+
+Optimizer.execution = _choice_property('execution', executions,
+                                       "How `step` runs the callbacks: 'auto', 'fused' or 'per_param'")
 
 def _get_inner_execution(self): return getattr(self.opt, 'execution', None)
 def _set_inner_execution(self, v):
@@ -317,12 +321,8 @@ nonfinite_policies = ('propagate', 'raise')
 class NonFiniteGradError(FloatingPointError):
     "A gradient holds NaN or inf, and the optimizer's `nonfinite_grads` is `'raise'`"
 
-def _get_nonfinite(self) -> str: return self.__dict__.get('_nonfinite_grads', 'propagate')
-def _set_nonfinite(self, v:str):
-    if v not in nonfinite_policies: raise ValueError(f"nonfinite_grads must be one of {nonfinite_policies}, got {v!r}")
-    self._nonfinite_grads = v
-Optimizer.nonfinite_grads = property(_get_nonfinite, _set_nonfinite,
-    doc="What `step` does with a NaN or inf gradient: 'propagate' (default) or 'raise' before changing anything")
+Optimizer.nonfinite_grads = _choice_property('nonfinite_grads', nonfinite_policies,
+    "What `step` does with a NaN or inf gradient: 'propagate' (default) or 'raise' before changing anything")
 
 def check_finite_grads(
     param_lists:list, # Per group, all its parameters: errors name a parameter by its index here

@@ -40,12 +40,16 @@ def assert_close(got, expected, what):
 def assert_equal(a, b, what):
     for k, v in b.items(): assert torch.equal(a[k], v), f'{what}: {k} differs'
 
+def assert_ranks_agree_with_one_process(ranks, scenario, name):
+    "Every rank holds the same weights, equal (1e-6) to the single-process run of `name` on full batches"
+    assert_equal(ranks[0]['weights'], ranks[1]['weights'], 'rank 0 vs rank 1')
+    assert_close(ranks[0]['weights'], W.reference(name), f'{scenario} vs one process')
+
 @pytest.mark.parametrize('scenario', DDP)
 def test_ddp_matches_single_process_on_full_batches(results, scenario):
     _, name, execution = scenario.split(':')
     r0, r1 = results[scenario]
-    assert_equal(r0['weights'], r1['weights'], 'rank 0 vs rank 1')
-    assert_close(r0['weights'], W.reference(name), f'{scenario} vs one process')
+    assert_ranks_agree_with_one_process((r0, r1), scenario, name)
     strategy = 'per_param' if execution == 'per_param' else 'fused'
     assert r0['counts'][strategy] == 4 * W.STEPS and sum(r0['counts'].values()) == 4 * W.STEPS
 
@@ -53,8 +57,7 @@ def test_ddp_matches_single_process_on_full_batches(results, scenario):
 def test_zero_shards_state_and_matches_unsharded_run(results, scenario):
     name = scenario.split(':')[1]
     r0, r1 = results[scenario]
-    assert_equal(r0['weights'], r1['weights'], 'rank 0 vs rank 1')
-    assert_close(r0['weights'], W.reference(name), f'{scenario} vs one process')
+    assert_ranks_agree_with_one_process((r0, r1), scenario, name)
     # each rank holds the state of its own share only, and the shares cover the model
     assert 0 < r0['local_state'] < r0['n_params'] and r0['local_state'] + r1['local_state'] == r0['n_params']
     for r in (r0, r1): assert_equal(r['resumed'], r['weights'], f'{scenario}: resumed from the consolidated state dict')
@@ -63,8 +66,7 @@ def test_zero_shards_state_and_matches_unsharded_run(results, scenario):
 def test_fsdp2_matches_unsharded_run(results, scenario):
     name = scenario.split(':')[1]
     r0, r1 = results[scenario]
-    assert_equal(r0['weights'], r1['weights'], 'rank 0 vs rank 1')
-    assert_close(r0['weights'], W.reference(name), f'{scenario} vs one process')
+    assert_ranks_agree_with_one_process((r0, r1), scenario, name)
     assert r0['local_shapes'] != [tuple(v.shape) for v in r0['weights'].values()], 'parameters must be sharded'
     assert r0['counts']['fused'] == 0 and r0['counts']['per_param'] == 4 * W.STEPS
     assert r0['reasons'] == ['a tensor subclass']

@@ -146,15 +146,19 @@ def test_closure_supported():
     torch.testing.assert_close(w.detach(), torch.full((2,), 0.8))
     with pytest.raises(NotImplementedError): fai.SGD([w], lr=0.1).step(closure)
 
-def _stale_gradients_then_freeze(make_opt, steps=3):
-    "Train both groups once, freeze the first, then step with the first group's gradients left in place"
+def _trained_then_frozen(make_opt):
+    "One step of both groups (every gradient ones), then the first group frozen; its gradients are left in place"
     groups = make_groups(SHAPES)
     for p in (p for g in groups for p in g): p.requires_grad_(True)
     opt = make_opt(groups)
     for p in (p for g in groups for p in g): p.grad = torch.ones_like(p)
     opt.step()
     opt.freeze()
-    frozen = [p.detach().clone() for p in groups[0]]
+    return groups, opt, [p.detach().clone() for p in groups[0]]
+
+def _stale_gradients_then_freeze(make_opt, steps=3):
+    "Is each frozen parameter unchanged after `steps` steps with its stale gradient?"
+    groups, opt, frozen = _trained_then_frozen(make_opt)
     for _ in range(steps): opt.step()
     return [torch.equal(p, f) for p, f in zip(groups[0], frozen)]
 
@@ -167,15 +171,9 @@ def test_fix_frozen_parameters_are_never_stepped(name):
     assert all(_stale_gradients_then_freeze(lambda g: getattr(fastopt, base)(g, **kw)))
 
 def _frozen_between_synchronisations(make_opt):
-    "One step of both groups, then freeze the first (its gradients dropped) and step: does the sync move it?"
-    groups = make_groups(SHAPES)
-    for p in (p for g in groups for p in g): p.requires_grad_(True)
-    opt = make_opt(groups)
-    for p in (p for g in groups for p in g): p.grad = torch.ones_like(p)
-    opt.step()
-    opt.freeze()
+    "Freeze the first group (its gradients dropped) between synchronisations and step: does the sync move it?"
+    groups, opt, frozen = _trained_then_frozen(make_opt)
     for p in groups[0]: p.grad = None
-    frozen = [p.detach().clone() for p in groups[0]]
     opt.step()                                     # the synchronisation (k=2)
     return opt, frozen, [torch.equal(p, f) for p, f in zip(groups[0], frozen)]
 
