@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv export clean-nbs
+.PHONY: demo test docs sysdeps bench venv export clean-nbs
 
 venv: $(STAMP)
 
@@ -19,8 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python examples/train_digits.py $(ARGS)
 
-# The whole test suite: library in step with the notebooks, notebook tests, pytest suites.
-test: $(STAMP)
+# Debian packages the docs need: Chromium for the browser test, MathJax served by the site itself.
+sysdeps:
+	@test -x /usr/bin/chromium -a -f /usr/share/javascript/mathjax/MathJax.js || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium libjs-mathjax fonts-mathjax; }
+
+# The documentation site, from the notebooks, into _docs/ (offline; fails on any Sphinx warning).
+docs: $(STAMP) sysdeps
+	$(BIN)/python tools/build_docs.py
+
+# The whole test suite: library in step with the notebooks, notebook tests, pytest suites (the docs site included).
+test: $(STAMP) sysdeps
 	$(BIN)/python tools/check_export.py
 	$(BIN)/nbdev-test --n-workers 2
 	$(BIN)/python -m pytest

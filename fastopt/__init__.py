@@ -4,5 +4,10 @@ from .callbacks import *
 from .optimizers import *
 from .lookahead import *
 from .wrapper import *
-from .fusion import NotTraceable, Sym, cache_dir
 from .distributed import *
+from .fusion import NotTraceable, Sym, cache_dir
+from . import optimizer, callbacks, optimizers, lookahead, wrapper, distributed
+
+# The public names: what `from fastopt import *` gives, and what the API reference documents
+__all__ = [*optimizer.__all__, *callbacks.__all__, *optimizers.__all__, *lookahead.__all__, *wrapper.__all__,
+           *distributed.__all__, 'NotTraceable', 'Sym', 'cache_dir']

@@ -60,7 +60,7 @@ def unit_interval(name:str, v):
     x = _real(name, v)
     if not 0 <= x < 1: raise ValueError(f"invalid {name!r}: {v!r} (must be in [0, 1))")
 
-hyper_checks = dict(lr=non_negative, eps=non_negative, wd=non_negative, mom=unit_interval, sqr_mom=unit_interval)
+hyper_checks = dict(lr=non_negative, eps=non_negative, wd=non_negative, mom=unit_interval, sqr_mom=unit_interval) # The check run on each hyper-parameter of this name, whenever it is set
 
 def check_hyper(name:str, v):
     "Raise a `ValueError`/`TypeError` if `v` is not a valid value for hyper-parameter `name`"
@@ -146,7 +146,7 @@ class HyperView(MutableMapping):
     def __repr__(self): return repr(dict(self))
 
 # %% ../nbs/01_optimizer.ipynb #0432ab3a
-torch_aliases = {'momentum': ('mom',), 'betas': ('mom', 'sqr_mom')}
+torch_aliases = {'momentum': ('mom',), 'betas': ('mom', 'sqr_mom')} # torch.optim's names, each a view of fastai's
 
 class ParamGroup(dict):
     "A torch-style param group (or `defaults`) where torch's `momentum` and `betas` are views of `mom` and `sqr_mom`"
@@ -294,7 +294,7 @@ def add_param_group(self:Optimizer,
     self.param_groups.append(group)
 
 # %% ../nbs/01_optimizer.ipynb #6103f0df
-executions = ('auto', 'fused', 'per_param')
+executions = ('auto', 'fused', 'per_param') # The values `Optimizer.execution` takes; 'auto' is the default
 
 def _choice_property(name:str, choices:tuple, doc:str) -> property:
     "A setting that takes one of `choices` (the first is the default), checked when set"
@@ -316,7 +316,7 @@ WrappingOptimizer.execution = property(_get_inner_execution, _set_inner_executio
                                        doc="The wrapped optimizer's `execution`")
 
 # %% ../nbs/01_optimizer.ipynb #ad2e1ee6
-nonfinite_policies = ('propagate', 'raise')
+nonfinite_policies = ('propagate', 'raise') # The values `Optimizer.nonfinite_grads` takes; 'propagate' is the default
 
 class NonFiniteGradError(FloatingPointError):
     "A gradient holds NaN or inf, and the optimizer's `nonfinite_grads` is `'raise'`"

@@ -40,7 +40,7 @@ def set_item_pg(
         pg[name] = tuple(v if i == int(idx) else x for i, x in enumerate(pg[name]))
     return pg
 
-pytorch_hp_map = {'momentum': 'mom', 'weight_decay': 'wd', 'alpha': 'sqr_mom', 'betas__0': 'mom', 'betas__1': 'sqr_mom'}
+pytorch_hp_map = {'momentum': 'mom', 'weight_decay': 'wd', 'alpha': 'sqr_mom', 'betas__0': 'mom', 'betas__1': 'sqr_mom'} # torch.optim's hyper-parameter names (flattened by `detuplify_pg`) and fastai's for them
 
 # %% ../nbs/05_wrapper.ipynb #da147054
 def _torch_groups(params) -> list:
