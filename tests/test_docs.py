@@ -123,3 +123,12 @@ def _module_of(name):
     import importlib, fastopt
     from fastopt._modidx import d
     return next(m for m in d['syms'] if name in getattr(importlib.import_module(m), '__all__', []))
+
+def test_cross_references(site):
+    "Backticked fastopt names link to their API entry; PyTorch and fastai names to those projects' documentation"
+    html = {p.stem: p.read_text() for p in SITE.glob('*.html')}
+    api_links = [h for page in html.values() for h in __import__('re').findall(r'class="api-link" href="([^"]+)"', page)]
+    assert len(api_links) > 50 and sum(h.startswith('api.html#') for h in api_links) > 30
+    assert 'href="https://docs.pytorch.org/docs/stable/optim.html"' in html['pytorch']
+    assert 'href="https://docs.fast.ai/learner.html"' in html['fastai']
+    assert not any('fastopt.github.io' in page for page in html.values()), 'a link to the unbuilt online site'

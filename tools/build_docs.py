@@ -100,8 +100,27 @@ def fix_links(md:str, public:set=frozenset()) -> str:
         return f'<a href="{href}">{text[1:-1] if text.startswith("`") else text}</a>'.replace('<a', '<a class="api-link"', 1) \
             if not text.startswith('`') else f'<a class="api-link" href="{href}"><code>{text[1:-1]}</code></a>'
     md = re.sub(r'\[([^\]]+)\]\(' + re.escape(DOC_URL) + r'([\w-]+)\.html#([^)\s]+)\)', name_link, md)
+    md = md.replace('](' + DOC_URL, '](')
     md = re.sub(r'\]\((?:\d+_)?([\w-]+)\.(?:html|ipynb)(#[^)\s]*)?\)', lambda m: f"]({m.group(1)}.ipynb{m.group(2) or ''})", md)
-    return re.sub(r'(\[source\]\([^)]*\))\{[^}]*\}', r'\1', md)
+    md = re.sub(r'(\[source\]\([^)]*\))\{[^}]*\}', r'\1', md)
+    parts = re.split(r'(```.*?```)', md, flags=re.S)   # code blocks stay as they are
+    return ''.join(p if i % 2 else re.sub(r'(?<![\[>])`([\w.]+)`(?!\]|</code>)', _external_link, p) for i, p in enumerate(parts))
+
+# Names from PyTorch and fastai link to their documentation (module pages, which are stable addresses)
+TORCH_DOCS = 'https://docs.pytorch.org/docs/stable/'
+TORCH_PAGES = {'torch.optim': 'optim.html', 'torch.distributed': 'distributed.html', 'torch.amp': 'amp.html',
+               'torch.nn': 'nn.html', 'torch.utils': 'data.html', 'torch': 'torch.html'}
+FASTAI_DOCS = {'Learner': 'learner.html', 'fit_one_cycle': 'callback.schedule.html', 'fit_flat_cos': 'callback.schedule.html',
+               'lr_find': 'callback.schedule.html', 'fine_tune': 'callback.schedule.html', 'distrib_ctx': 'distributed.html',
+               'fastai.optimizer': 'optimizer.html', 'Learner.save': 'learner.html', 'Learner.load': 'learner.html'}
+
+def _external_link(m) -> str:
+    name = m.group(1)
+    if name.startswith('torch'):
+        page = next(v for k, v in TORCH_PAGES.items() if name == k or name.startswith(k + '.'))
+        return f'[`{name}`]({TORCH_DOCS}{page})'
+    if name in FASTAI_DOCS: return f'[`{name}`](https://docs.fast.ai/{FASTAI_DOCS[name]})'
+    return m.group(0)
 
 def doc_entry(target:str, ns:dict, anchors:dict, md:str|None=None) -> str:
     "A Markdown section documenting `target`: its anchor, heading, signature, docstring, source link, parameter table"
