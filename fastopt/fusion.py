@@ -528,13 +528,12 @@ class FusedCall:
 # %% ../nbs/08_fusion.ipynb #3f990045
 def plan_fused(
     opt, # An `Optimizer`: its `cbs` and `state` are used
-    params:list, # The parameters of one of its groups
+    params:list, # The parameters of one of its groups that `step` updates (each has a gradient)
     hyper:dict # That group's hyper-parameters
 ) -> tuple[list, list, list[str]]:
     "Prepare kernel calls for `params`; returns the calls, the parameters left over, and why"
     by_key, rest, reasons, state = {}, [], [], opt.state
     for p in params:
-        if p.grad is None: continue
         why = why_not_fusable(p)
         s = state[p]
         key = None if why else state_key(p, s)

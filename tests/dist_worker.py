@@ -127,11 +127,11 @@ def fsdp_checkpoint(rank, world, out):
 
 SCENARIOS = {'ddp': ddp, 'zero': zero, 'fsdp': fsdp, 'fsdp_strict': fsdp_strict, 'fsdp_checkpoint': fsdp_checkpoint}
 
+NEEDS_OUT = {'zero', 'fsdp_checkpoint'}   # scenarios that write checkpoints to OUT_DIR
+
 def run(scenario, rank, world, out):
     kind, *args = scenario.split(':')
-    fn = SCENARIOS[kind]
-    if 'out' in fn.__code__.co_varnames[:fn.__code__.co_argcount]: args.append(out)
-    return fn(rank, world, *args)
+    return SCENARIOS[kind](rank, world, *args, *([out] if kind in NEEDS_OUT else []))
 
 if __name__ == '__main__':
     import torch.distributed as dist

@@ -2,7 +2,7 @@
 Chromium driven by Playwright. Every page: no JavaScript errors, no broken images or internal links; every API
 entry has a signature and a parameter table; formulas are rendered by MathJax; search finds Lookahead and ranger.
 Screenshots of the home, Optimizer and Lookahead pages are saved in test-artifacts/."""
-import functools, http.server, shutil, subprocess, sys, threading
+import functools, http.server, re, shutil, subprocess, sys, threading
 from pathlib import Path
 import pytest
 
@@ -127,7 +127,7 @@ def _module_of(name):
 def test_cross_references(site):
     "Backticked fastopt names link to their API entry; PyTorch and fastai names to those projects' documentation"
     html = {p.stem: p.read_text() for p in SITE.glob('*.html')}
-    api_links = [h for page in html.values() for h in __import__('re').findall(r'class="api-link" href="([^"]+)"', page)]
+    api_links = [h for page in html.values() for h in re.findall(r'class="api-link" href="([^"]+)"', page)]
     assert len(api_links) > 50 and sum(h.startswith('api.html#') for h in api_links) > 30
     assert 'href="https://docs.pytorch.org/docs/stable/optim.html"' in html['pytorch']
     assert 'href="https://docs.fast.ai/learner.html"' in html['fastai']

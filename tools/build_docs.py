@@ -9,7 +9,7 @@ nbdev renders with Quarto, which cannot be installed here, so the site is built 
    its output, and an API reference page lists every public name of `fastopt`;
 4. Sphinx + myst-nb (stored outputs, never re-executed) + furo, with MathJax served from the site itself;
    any warning fails the build."""
-import ast, json, re, shutil, subprocess, sys
+import ast, functools, json, re, shutil, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +58,7 @@ def _namespace() -> dict:
     for mod in d['syms']: ns.update(vars(importlib.import_module(mod)))
     return ns
 
+@functools.cache
 def _anchors() -> dict:
     "nbdev's anchor for each documented name ('Lookahead.state_dict' -> 'lookahead.state_dict')"
     from fastopt._modidx import d
@@ -73,7 +74,11 @@ def api_names(anchors:dict) -> list[str]:
             res += sorted(k for k in anchors if k.startswith(n + '.') and not k.split('.')[-1].startswith('_'))
     return res
 
-PUBLIC = set()   # the anchors of the API reference, filled by `sphinx_sources`
+@functools.cache
+def public_anchors() -> frozenset:
+    "The anchors of the API reference's entries"
+    anchors = _anchors()
+    return frozenset(anchors.get(n, n.lower()) for n in api_names(anchors))
 
 def _md_escape(s) -> str: return str(s).replace('|', '\\|').replace('\n', ' ')
 
@@ -92,13 +97,13 @@ def param_table(obj) -> str:
     if not rows: rows = ['| *(no parameters)* | | | |']
     return '\n'.join(['| Parameter | Type | Default | Details |', '|---|---|---|---|', *rows])
 
-def fix_links(md:str, public:set=frozenset()) -> str:
+def fix_links(md:str) -> str:
     "nbdev's links: a backticked public name to its API entry (others to their chapter); chapters by page name"
     def name_link(m):
-        text, page, anchor = m.group(1), m.group(2), m.group(3)
-        href = f'api.html#{anchor}' if anchor in public else f'{page}.html#{anchor}'
-        return f'<a href="{href}">{text[1:-1] if text.startswith("`") else text}</a>'.replace('<a', '<a class="api-link"', 1) \
-            if not text.startswith('`') else f'<a class="api-link" href="{href}"><code>{text[1:-1]}</code></a>'
+        text, page, anchor = m.groups()
+        href = f'api.html#{anchor}' if anchor in public_anchors() else f'{page}.html#{anchor}'
+        label = f'<code>{text[1:-1]}</code>' if text.startswith('`') else text
+        return f'<a class="api-link" href="{href}">{label}</a>'
     md = re.sub(r'\[([^\]]+)\]\(' + re.escape(DOC_URL) + r'([\w-]+)\.html#([^)\s]+)\)', name_link, md)
     md = md.replace('](' + DOC_URL, '](')
     md = re.sub(r'\]\((?:\d+_)?([\w-]+)\.(?:html|ipynb)(#[^)\s]*)?\)', lambda m: f"]({m.group(1)}.ipynb{m.group(2) or ''})", md)
@@ -128,7 +133,7 @@ def doc_entry(target:str, ns:dict, anchors:dict, md:str|None=None) -> str:
     if md is None:
         from nbdev.showdoc import show_doc
         md = show_doc(obj)._repr_markdown_()
-    md = fix_links(re.sub(r'^\s*---\s*\n', '', md), PUBLIC)
+    md = fix_links(re.sub(r'^\s*---\s*\n', '', md))
     anchor = anchors.get(target, target.lower())
     # the anchor goes under the heading, so that it lies in the section the heading opens
     md = re.sub(r'^(#+ .*)$', lambda m: f'{m.group(1)}\n\n<a class="doc-entry" id="{anchor}"></a>', md, count=1, flags=re.M)
@@ -160,7 +165,7 @@ def convert(nb_path:Path, ns:dict, anchors:dict) -> dict:
         if cell['cell_type'] in ('markdown', 'raw'):
             if src.startswith('<!-- WARNING') or (cell['cell_type'] == 'raw' and not src.startswith('---')): continue
             cell = _title_cell(cell)
-            if cell is not None: cells.append({**cell, 'source': fix_links(''.join(cell['source']), PUBLIC)})
+            if cell is not None: cells.append({**cell, 'source': fix_links(''.join(cell['source']))})
             continue
         if cell['cell_type'] != 'code': cells.append(cell); continue
         opts, code = _directives(src)
@@ -235,7 +240,6 @@ ORDER = ['optimizer', 'callbacks', 'optimizers', 'lookahead', 'wrapper', 'fastai
 def sphinx_sources(proc:Path):
     shutil.rmtree(SRC, ignore_errors=True); (SRC/'_static').mkdir(parents=True)
     ns, anchors = _namespace(), _anchors()
-    PUBLIC.update(anchors.get(n, n.lower()) for n in api_names(anchors))
     for f in sorted(proc.glob('*.ipynb')):
         nb = convert(f, ns, anchors)
         if f.stem == 'index':
