@@ -19,8 +19,8 @@ from .fusion import plan_fused
 
 # %% auto #0
 __all__ = ['hyper_checks', 'torch_aliases', 'executions', 'nonfinite_policies', 'resolve_hyper', 'non_negative', 'unit_interval',
-           'check_hyper', 'callback_defaults', 'callback_name', 'HyperView', 'ParamGroup', 'Optimizer',
-           'WrappingOptimizer', 'NonFiniteGradError', 'check_finite_grads']
+           'check_hyper', 'callback_defaults', 'callback_checks', 'callback_name', 'HyperView', 'ParamGroup',
+           'Optimizer', 'WrappingOptimizer', 'NonFiniteGradError', 'check_finite_grads']
 
 # %% ../nbs/01_optimizer.ipynb #9b33b51d
 def _plain(v):
@@ -62,9 +62,10 @@ def unit_interval(name:str, v):
 
 hyper_checks = dict(lr=non_negative, eps=non_negative, wd=non_negative, mom=unit_interval, sqr_mom=unit_interval) # The check run on each hyper-parameter of this name, whenever it is set
 
-def check_hyper(name:str, v):
-    "Raise a `ValueError`/`TypeError` if `v` is not a valid value for hyper-parameter `name`"
-    if name in hyper_checks: hyper_checks[name](name, v)
+def check_hyper(name:str, v, checks:dict|None=None):
+    "Raise a `ValueError`/`TypeError` if `v` is not a valid value for hyper-parameter `name` (by `checks`, default `hyper_checks`)"
+    checks = hyper_checks if checks is None else checks
+    if name in checks: checks[name](name, v)
 
 # %% ../nbs/01_optimizer.ipynb #ee26dc97
 def _is_group(o): return isinstance(o, Iterable) and not isinstance(o, (Tensor, Mapping, str, bytes))
@@ -121,6 +122,12 @@ def callback_defaults(cbs:list) -> dict:
     for cb in cbs: res.update(getattr(cb, 'defaults', None) or getattr(_unwrap(cb), 'defaults', None) or {})
     return res
 
+def callback_checks(cbs:list) -> dict:
+    "`hyper_checks`, extended by the `hyper_checks` each of `cbs` declares for its own hyper-parameters"
+    res = dict(hyper_checks)
+    for cb in cbs: res.update(getattr(cb, 'hyper_checks', None) or getattr(_unwrap(cb), 'hyper_checks', None) or {})
+    return res
+
 def callback_name(cb) -> str:
     "A stable name for `cb`, recorded in state dicts"
     f = _unwrap(cb)
@@ -136,8 +143,7 @@ class HyperView(MutableMapping):
     def __contains__(self, k): return k != 'params' and dict.__contains__(self.group, k)
     def __setitem__(self, k, v):
         if k == 'params': raise KeyError("set parameters through `param_lists`, not `hypers`")
-        check_hyper(k, v)
-        self.group[k] = _plain(v)
+        self.group[k] = _plain(v)   # the group checks it
     def __delitem__(self, k):
         if k == 'params': raise KeyError(k)
         del self.group[k]
@@ -150,9 +156,14 @@ torch_aliases = {'momentum': ('mom',), 'betas': ('mom', 'sqr_mom')} # torch.opti
 
 class ParamGroup(dict):
     "A torch-style param group (or `defaults`) where torch's `momentum` and `betas` are views of `mom` and `sqr_mom`"
+    checks = hyper_checks   # an optimizer gives its groups its own (with its callbacks' checks)
+    def __init__(self, *args, checks:dict|None=None, **kwargs):
+        super().__init__()
+        if checks is not None: self.checks = checks
+        self.update(*args, **kwargs)
     def _alias(self, k):
         names = torch_aliases.get(k) if isinstance(k, str) else None
-        if names is None or dict.__contains__(self, k) or not all(dict.__contains__(self, n) for n in names): return None
+        if names is None or not all(dict.__contains__(self, n) for n in names): return None
         return names
     def __contains__(self, k): return dict.__contains__(self, k) or self._alias(k) is not None
     def __getitem__(self, k):
@@ -160,19 +171,41 @@ class ParamGroup(dict):
         if names is None: return dict.__getitem__(self, k)
         vals = tuple(dict.__getitem__(self, n) for n in names)
         return vals[0] if len(vals) == 1 else vals
+    def _resolved(self, k, v) -> list:
+        "The stored `(name, value)` pairs that writing `v` to `k` means: torch's names become fastai's"
+        names = torch_aliases.get(k) if isinstance(k, str) else None
+        if names is None: return [(k, v)]
+        vals = (v,) if len(names) == 1 else tuple(v) if isinstance(v, (tuple, list)) else None
+        if vals is None or len(vals) != len(names):
+            raise ValueError(f"{k!r} takes {len(names)} values ({', '.join(names)}), got {v!r}")
+        return list(zip(names, vals))
     def __setitem__(self, k, v):
-        names = self._alias(k)
-        if names is None:
-            check_hyper(k, v)   # schedulers write here directly: a bad value fails now, not at the next step
-            return dict.__setitem__(self, k, v)
-        vals = (v,) if len(names) == 1 else tuple(v)
-        if len(vals) != len(names): raise ValueError(f"{k!r} takes {len(names)} values ({', '.join(names)}), got {v!r}")
-        for n, x in zip(names, vals): check_hyper(n, x)
-        for n, x in zip(names, vals): dict.__setitem__(self, n, _plain(x))
+        pairs = self._resolved(k, v)
+        for n, x in pairs:
+            if n != 'params': check_hyper(n, x, self.checks)   # schedulers write here: a bad value fails now
+        for n, x in pairs: dict.__setitem__(self, n, _plain(x))
+    def update(self, *args, **kwargs):
+        "Set every item (torch's names mapped onto fastai's, each value checked); if any is invalid, nothing changes"
+        items, pairs = dict(*args, **kwargs), {}
+        for k, v in items.items():
+            for n, x in self._resolved(k, v):
+                if n in pairs and pairs[n] is not x and pairs[n] != x:
+                    raise ValueError(f"{n!r} is given twice with different values ({pairs[n]!r} and {x!r}), "
+                                     f"through {k!r} and another of its names")
+                pairs[n] = x
+        for n, x in pairs.items():
+            if n != 'params': check_hyper(n, x, self.checks)
+        for n, x in pairs.items(): dict.__setitem__(self, n, _plain(x))
     def get(self, k, default=None): return self[k] if k in self else default
     def setdefault(self, k, default=None):
         if k not in self: self[k] = default
         return self[k]
+    def __reduce__(self): return (ParamGroup, (dict(self),))   # checks are the optimizer's: it sets them again
+    def copy(self): return ParamGroup(dict(self), checks=self.checks)
+
+def _fastai_names(d:Mapping) -> dict:
+    "`d` with torch's names (`momentum`, `betas`) written as fastai's (`mom`, `sqr_mom`); values are checked later"
+    return dict(ParamGroup(d, checks={}))
 
 # %% ../nbs/01_optimizer.ipynb #137048d0
 class Optimizer(torch.optim.Optimizer):
@@ -187,12 +220,15 @@ class Optimizer(torch.optim.Optimizer):
             defaults.pop('train_bn')
             warnings.warn("`train_bn` has no effect on an Optimizer: set it on the Learner")
         self.cbs = _callbacks(cbs)
-        groups = _group_dicts(params)
-        per_group = {k: resolve_hyper(k, v, len(groups)) for k,v in {**callback_defaults(self.cbs), **defaults}.items()}
+        self._hyper_checks = callback_checks(self.cbs)
+        groups = [_fastai_names(g) for g in _group_dicts(params)]
+        given = _fastai_names({k: v for k,v in defaults.items() if not isinstance(v, (list, np.ndarray, L))}) | \
+                {k: v for k,v in defaults.items() if isinstance(v, (list, np.ndarray, L))}   # per-group lists stay
+        per_group = {k: resolve_hyper(k, v, len(groups)) for k,v in {**callback_defaults(self.cbs), **given}.items()}
         for i,g in enumerate(groups):
             for k,vals in per_group.items(): g.setdefault(k, vals[i])   # a group's own value wins
         # torch's `defaults` are what a group added later gets: the last group's values
-        super().__init__(groups, ParamGroup({k: vals[-1] for k,vals in per_group.items()}))
+        super().__init__(groups, ParamGroup({k: vals[-1] for k,vals in per_group.items()}, checks=self._hyper_checks))
         self.frozen_idx = 0
         self.execution_counts, self.fallback_reasons = {'fused': 0, 'per_param': 0}, []   # see `step`
 
@@ -211,8 +247,8 @@ class Optimizer(torch.optim.Optimizer):
             if not isinstance(g, Mapping) or 'params' not in g:
                 raise TypeError(f"group {i} must be a dict with a 'params' key, got {type(g).__name__}")
             base = {k: v for k,v in old[i].items() if k != 'params'} if old and i < len(old) else dict(self.defaults)
-            grp = ParamGroup({**base, **{k: _plain(v) for k,v in g.items() if k != 'params'}})
-            for k,v in grp.items(): check_hyper(k, v)
+            grp = ParamGroup({**base, **_fastai_names({k: v for k,v in g.items() if k != 'params'})},
+                             checks=self._hyper_checks)   # checks every value
             grp['params'] = _checked_params(i, g['params'], seen)
             new.append(grp)
         self._param_groups = new
@@ -241,17 +277,22 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"got hyper-parameters for {len(hypers)} groups, the optimizer has {len(self.param_groups)}")
         for h in hypers:
             if 'params' in h: raise ValueError("hypers must not contain 'params'")
-            for k,v in h.items(): check_hyper(k, v)
+            for k,v in h.items(): check_hyper(k, v, self._hyper_checks)
         for g,h in zip(self.param_groups, hypers):
             for k in [k for k in g if k != 'params']: del g[k]
             g.update({k: _plain(v) for k,v in h.items()})
 
     def __getstate__(self) -> dict:
-        return {k: v for k,v in self.__dict__.items() if not k.startswith('_optimizer_')}   # hooks are not pickled
+        # hooks are not pickled; checks are rebuilt from the callbacks (a user's check may be a lambda)
+        return {k: v for k,v in self.__dict__.items() if not k.startswith('_optimizer_') and k != '_hyper_checks'}
     def __setstate__(self, state:dict):
         had_flag = 'differentiable' in state.get('defaults', {})
         super().__setstate__(state)
         if not had_flag: self.defaults.pop('differentiable', None)   # torch adds it; it is no hyper-parameter here
+        if isinstance(getattr(type(self), '_hyper_checks', None), property): return   # a wrapper: the inner's
+        self._hyper_checks = callback_checks(self.cbs)
+        for g in [self.defaults, *self.param_groups]:
+            if isinstance(g, ParamGroup): g.checks = self._hyper_checks
 
 # %% ../nbs/01_optimizer.ipynb #2c2ef469
 class WrappingOptimizer(Optimizer):
@@ -269,6 +310,8 @@ class WrappingOptimizer(Optimizer):
     def param_groups(self, v): self.opt.param_groups = v
     @property
     def defaults(self): return self.opt.defaults
+    @property
+    def _hyper_checks(self): return getattr(self.opt, '_hyper_checks', hyper_checks)
     @property
     def frozen_idx(self): return getattr(self.opt, 'frozen_idx', 0)
     @frozen_idx.setter
@@ -288,8 +331,8 @@ def add_param_group(self:Optimizer,
         raise TypeError(f"param_group must be a dict with a 'params' key, got {type(param_group).__name__}")
     if 'params' not in param_group: raise ValueError("param_group has no 'params' key")
     seen = {id(p): (i, j) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])}
-    group = ParamGroup({**self.defaults, **{k: _plain(v) for k,v in param_group.items() if k != 'params'}})
-    for k,v in group.items(): check_hyper(k, v)
+    group = ParamGroup({**self.defaults, **_fastai_names({k: v for k,v in param_group.items() if k != 'params'})},
+                       checks=self._hyper_checks)   # checks every value
     group['params'] = _checked_params(len(self.param_groups), param_group['params'], seen)
     self.param_groups.append(group)
 
@@ -413,7 +456,7 @@ def set_hypers(self:Optimizer, **kwargs):
                              "To add one, pass it when building the optimizer.")
     resolved = {k: resolve_hyper(k, v, len(self.param_groups)) for k,v in kwargs.items()}
     for k,vals in resolved.items():
-        for v in vals: check_hyper(k, v)
+        for v in vals: check_hyper(k, v, self._hyper_checks)
     for k,vals in resolved.items():
         for g,v in zip(self.param_groups, vals): g[k] = v
 
@@ -512,10 +555,10 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
         if len(sg['params']) != len(g['params']):
             raise ValueError(f"group {i}: state dict has {len(sg['params'])} parameters, "
                              f"the optimizer has {len(g['params'])}")
-        lacking = sorted(k for k in opt.defaults if k not in sg)   # the optimizer's own; not a scheduler's keys
+        h = _fastai_names({k: copy.deepcopy(v) for k,v in sg.items() if k != 'params'})
+        lacking = sorted(k for k in opt.defaults if k not in h)   # the optimizer's own; not a scheduler's keys
         if lacking: raise ValueError(f"group {i}: state dict lacks hyper-parameters {lacking} that this optimizer uses")
-        h = {k: copy.deepcopy(v) for k,v in sg.items() if k != 'params'}
-        for k,v in h.items(): check_hyper(k, v)
+        for k,v in h.items(): check_hyper(k, v, opt._hyper_checks)
         hypers.append(h)
         by_index.update(zip(sg['params'], g['params']))
     state = {}
