@@ -104,11 +104,11 @@ def peak_extra_bytes(step, device:str) -> int|None:
 
 def first_step_seconds(factory, shapes, device) -> float:
     "fastopt's first step on fresh parameters, with an empty kernel cache: compilation included"
-    import fastopt.fusion as fusion
-    saved_env, saved = os.environ.get('FASTOPT_CACHE_DIR'), (dict(fusion._loaded), dict(fusion._kernels))
+    import fastopt.engine.cpu as cpu, fastopt.engine.plan as plan
+    saved_env, saved = os.environ.get('FASTOPT_CACHE_DIR'), (dict(cpu._loaded), dict(plan._kernels))
     with tempfile.TemporaryDirectory() as d:
         os.environ['FASTOPT_CACHE_DIR'] = d
-        fusion._loaded.clear(); fusion._kernels.clear()
+        cpu._loaded.clear(); plan._kernels.clear()
         try:
             ps = make_params(shapes, device)
             opt = factory(ps)
@@ -116,7 +116,7 @@ def first_step_seconds(factory, shapes, device) -> float:
         finally:
             if saved_env is None: os.environ.pop('FASTOPT_CACHE_DIR', None)
             else: os.environ['FASTOPT_CACHE_DIR'] = saved_env
-            for cache, old in zip((fusion._loaded, fusion._kernels), saved): cache.clear(); cache.update(old)
+            for cache, old in zip((cpu._loaded, plan._kernels), saved): cache.clear(); cache.update(old)
 
 def bench_set(set_name, shapes, optimizers, device, repeats, warmup):
     "Rows of results for one parameter set"

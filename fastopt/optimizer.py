@@ -10,22 +10,24 @@ import functools, math, numbers, warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 import copy
+from .engine.trace import is_number
 import numpy as np
 import torch
 from torch import Tensor
 from fastcore.basics import even_mults, patch
 from fastcore.foundation import L
-from .fusion import plan_fused
+from .engine.plan import Planner
+from .engine.storage import LOW_PRECISION, RESERVED, roundings, compute_dtype, real_view, store_param, rounding_key
 
 # %% auto #0
-__all__ = ['hyper_checks', 'torch_aliases', 'executions', 'nonfinite_policies', 'resolve_hyper', 'non_negative', 'unit_interval',
-           'check_hyper', 'callback_defaults', 'callback_checks', 'callback_name', 'HyperView', 'ParamGroup',
-           'Optimizer', 'WrappingOptimizer', 'NonFiniteGradError', 'check_finite_grads']
+__all__ = ['hyper_checks', 'torch_aliases', 'executions', 'settings', 'nonfinite_policies', 'resolve_hyper', 'non_negative',
+           'unit_interval', 'check_hyper', 'callback_defaults', 'callback_checks', 'callback_name', 'HyperView',
+           'ParamGroup', 'Optimizer', 'WrappingOptimizer', 'NonFiniteGradError', 'check_finite_grads']
 
 # %% ../nbs/01_optimizer.ipynb #9b33b51d
 def _plain(v):
     "A numpy scalar as the Python number it holds, so state dicts load with `weights_only=True`"
-    return v.item() if isinstance(v, np.generic) else v
+    return v.item() if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0) else v
 
 def resolve_hyper(
     name:str, # Hyper-parameter name, for error messages
@@ -37,7 +39,7 @@ def resolve_hyper(
         if v.stop is None: raise ValueError(f"hyper-parameter {name!r}: a slice needs a stop value, got {v}")
         if v.start: vals = even_mults(v.start, v.stop, n_groups) if n_groups > 1 else [v.stop]
         else: vals = [v.stop/10]*(n_groups-1) + [v.stop]
-    elif isinstance(v, (list, tuple, np.ndarray, L)) or (isinstance(v, Tensor) and v.ndim > 0): vals = list(v)
+    elif isinstance(v, (list, tuple, L)) or (isinstance(v, (Tensor, np.ndarray)) and v.ndim > 0): vals = list(v)
     else: vals = [v]
     if len(vals) == 1: vals = vals*n_groups
     if len(vals) != n_groups:
@@ -70,6 +72,19 @@ def check_hyper(name:str, v, checks:dict|None=None):
 # %% ../nbs/01_optimizer.ipynb #ee26dc97
 def _is_group(o): return isinstance(o, Iterable) and not isinstance(o, (Tensor, Mapping, str, bytes))
 
+def _named(items) -> bool:
+    "Whether `items` are `(name, tensor)` pairs, as `named_parameters()` gives"
+    return all(isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str) and isinstance(o[1], Tensor) for o in items)
+
+def _unnamed(group:dict) -> dict:
+    "`group` with `(name, tensor)` pairs split into `params` and `param_names`, as torch stores them"
+    ps = group['params']
+    ps = list(ps) if not isinstance(ps, Tensor) and isinstance(ps, Iterable) else ps
+    if isinstance(ps, list) and ps and _named(ps):
+        group = {**group, 'params': [t for _,t in ps], 'param_names': [n for n,_ in ps]}
+    else: group['params'] = ps
+    return group
+
 def _group_dicts(params) -> list[dict]:
     "Torch-style group dicts from any accepted form of `params` (the tensors are checked later)"
     if isinstance(params, Tensor): params = [params]
@@ -77,12 +92,13 @@ def _group_dicts(params) -> list[dict]:
         raise TypeError(f"params must be an iterable of tensors, of groups or of dicts, got {type(params).__name__}")
     items = list(params)
     if not items: raise ValueError("Optimizer got an empty parameter list")
+    if _named(items): return [_unnamed({'params': items})]   # model.named_parameters(), as torch >= 2.6 takes
     if any(isinstance(o, Mapping) for o in items):
         if not all(isinstance(o, Mapping) for o in items):
             raise TypeError("params mixes group dicts with other items: give either dicts or tensors/groups")
         for i,o in enumerate(items):
             if 'params' not in o: raise ValueError(f"group {i} has no 'params' key")
-        return [dict(o) for o in items]   # copies: the caller's dicts are never changed
+        return [_unnamed(dict(o)) for o in items]   # copies: the caller's dicts are never changed
     if all(_is_group(o) for o in items): return [{'params': o} for o in items]
     return [{'params': items}]
 
@@ -147,8 +163,8 @@ class HyperView(MutableMapping):
     def __delitem__(self, k):
         if k == 'params': raise KeyError(k)
         del self.group[k]
-    def __iter__(self): return (k for k in self.group if k != 'params')
-    def __len__(self): return len(self.group) - ('params' in self.group)
+    def __iter__(self): return (k for k in self.group if k not in ('params', 'param_names'))
+    def __len__(self): return sum(1 for _ in self)
     def __repr__(self): return repr(dict(self))
 
 # %% ../nbs/01_optimizer.ipynb #0432ab3a
@@ -214,6 +230,12 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self,
         params:Tensor|Iterable, # Tensors, groups of tensors (lists or generators), or torch-style group dicts
         cbs:Callable|list, # Stats and steppers, run in this order on each parameter at every `step`
+        *,
+        execution:str='auto', # How `step` runs: 'auto', 'fused' or 'per_param'
+        nonfinite_grads:str='propagate', # What a NaN/inf gradient does: 'propagate' or 'raise'
+        update_rounding:str='kahan', # How bfloat16/float16 parameters take updates: 'kahan', 'stochastic', 'nearest'
+        state_dtype:torch.dtype|None=None, # The dtype of floating state; None: each parameter's own
+        seed:int=0, # The seed of stochastic rounding
         **defaults # Hyper-parameters: one value, a list with one value per group, or a `slice`
     ):
         if 'train_bn' in defaults:
@@ -231,6 +253,17 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(groups, ParamGroup({k: vals[-1] for k,vals in per_group.items()}, checks=self._hyper_checks))
         self.frozen_idx = 0
         self.execution_counts, self.fallback_reasons = {'fused': 0, 'per_param': 0}, []   # see `step`
+        self.execution, self.nonfinite_grads, self.update_rounding = execution, nonfinite_grads, update_rounding
+        self.state_dtype, self.seed = state_dtype, seed
+
+    def __repr__(self) -> str:
+        name = getattr(self, 'name', None) or type(self).__name__
+        sets = ', '.join(f'{k}={getattr(self, k)!r}' for k in settings)
+        lines = [f'{name} ({sets})']
+        for i,g in enumerate(self.param_groups):
+            lines.append(f'Parameter Group {i}: {len(g["params"])} tensors')
+            lines += [f'    {k}: {v}' for k,v in g.items() if k not in _NOT_HYPERS]
+        return '\n'.join(lines)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -349,14 +382,47 @@ def _choice_property(name:str, choices:tuple, doc:str) -> property:
 
 Optimizer.execution = _choice_property('execution', executions,
                                        "How `step` runs the callbacks: 'auto', 'fused' or 'per_param'")
+Optimizer.update_rounding = _choice_property('update_rounding', roundings,
+    "How a bfloat16/float16 parameter takes its update: 'kahan' (default), 'stochastic' or 'nearest'")
 
-def _get_inner_execution(self): return getattr(self.opt, 'execution', None)
-def _set_inner_execution(self, v):
-    if not isinstance(self.opt, Optimizer):
-        raise ValueError(f"execution applies to fastopt optimizers; {type(self.opt).__name__} runs its own step")
-    self.opt.execution = v
-WrappingOptimizer.execution = property(_get_inner_execution, _set_inner_execution,
-                                       doc="The wrapped optimizer's `execution`")
+_STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+def _get_state_dtype(self): return self.__dict__.get('_state_dtype')
+def _set_state_dtype(self, v):
+    if v is not None and v not in _STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None or one of {[str(d) for d in _STATE_DTYPES]}, got {v!r}")
+    self.__dict__['_state_dtype'] = v
+    for p, st in getattr(self, 'state', {}).items():   # existing state is converted now
+        for k, t in st.items():
+            if isinstance(t, Tensor) and t.is_floating_point() and k not in RESERVED and t.dtype != self._storage_dtype(p):
+                st[k] = t.to(self._storage_dtype(p))
+Optimizer.state_dtype = property(_get_state_dtype, _set_state_dtype,
+    doc="The dtype of every floating state tensor: None (each in its parameter's dtype, torch's convention) or one")
+
+def _get_seed(self): return self.__dict__.get('_seed', 0)
+def _set_seed(self, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {v!r}")
+    self.__dict__['_seed'] = int(v)
+Optimizer.seed = property(_get_seed, _set_seed, doc="The seed of stochastic rounding (`update_rounding='stochastic'`)")
+
+settings = ('execution', 'nonfinite_grads', 'update_rounding', 'state_dtype', 'seed') # The Optimizer's settings: keyword arguments, never hyper-parameters
+
+@patch
+def _storage_dtype(self:Optimizer, p:Tensor) -> torch.dtype:
+    "The dtype in which `p`'s floating state is kept"
+    return p.dtype if p.is_complex() else (self.state_dtype or p.dtype)
+
+def _inner_setting(name:str) -> property:
+    "A wrapper's setting `name`: the wrapped optimizer's"
+    def get(self): return getattr(self.opt, name, None)
+    def set(self, v):
+        if not isinstance(self.opt, Optimizer):
+            raise ValueError(f"{name} applies to fastopt optimizers; {type(self.opt).__name__} runs its own step")
+        setattr(self.opt, name, v)
+    return property(get, set, doc=f"The wrapped optimizer's `{name}`")
+
+for _name in ('execution', 'update_rounding', 'state_dtype', 'seed'): setattr(WrappingOptimizer, _name, _inner_setting(_name))
 
 # %% ../nbs/01_optimizer.ipynb #ad2e1ee6
 nonfinite_policies = ('propagate', 'raise') # The values `Optimizer.nonfinite_grads` takes; 'propagate' is the default
@@ -396,17 +462,52 @@ def _step_params(self:Optimizer,
     hyper:dict # Their group's hyper-parameters
 ):
     "Run the callbacks on each of `params` in turn (the per-parameter reference strategy)"
-    for p in params:
-        state = self.state[p]
-        for cb in self.cbs:
-            new = cb(p, **{**state, **hyper})
-            if isinstance(new, dict): state.update(new)
+    for p in params: self._step_param(p, hyper)
 
 @patch
-def _plan_group(self:Optimizer, params:list, hyper:dict) -> tuple[list, list, list[str]]:
-    "The fused kernel calls for `params`, the parameters left to the reference strategy, and why they were left"
-    if self.execution == 'per_param': return [], params, []
-    return plan_fused(self, params, hyper)
+def _step_param(self:Optimizer, p:Tensor, hyper:dict):
+    "Run the callbacks on `p`, through working copies in the compute dtype, and store the results"
+    cdt, state, storage = compute_dtype(p.dtype), self.state[p], self._storage_dtype(p)
+    view = real_view(p.detach())
+    w = view if view.dtype == cdt else view.to(cdt)
+    w.grad = real_view(p.grad).to(cdt, copy=True, memory_format=torch.contiguous_format)   # the user's stays as it is
+    work, copied = {}, set()   # the state tensors as the callbacks see them; those that are copies
+    for k,v in state.items():
+        if not isinstance(v, Tensor) or k in RESERVED: continue
+        work[k] = real_view(v)
+        if work[k].dtype != cdt and work[k].is_floating_point(): work[k] = work[k].to(cdt); copied.add(k)
+    cur = {k: v for k,v in state.items() if k not in RESERVED} | work
+    for cb in self.cbs:
+        new = cb(w, **{**cur, **hyper})
+        if isinstance(new, dict): cur.update(new)
+    for k,v in cur.items():
+        if not isinstance(v, Tensor): state[k] = v
+        elif k in work and work[k] is v:
+            if k in copied: state[k].copy_(v)   # stored back in its dtype, rounded to nearest
+        elif p.is_complex() and v.shape == w.shape: state[k] = torch.view_as_complex(v.contiguous())
+        elif v.is_floating_point() and not p.is_complex() and v.dtype != storage: state[k] = v.to(storage)
+        else: state[k] = v
+    if w is not view:
+        rounding = self.update_rounding if p.dtype in LOW_PRECISION else 'nearest'
+        if rounding == 'kahan' and 'kahan_comp' not in state: state['kahan_comp'] = torch.zeros_like(p)
+        key = 0
+        if rounding == 'stochastic':
+            state['rounding_step'] = state.get('rounding_step', 0) + 1
+            key = rounding_key(self.seed, state['rounding_step'], self._param_index(p))
+        store_param(view, w, rounding, state.get('kahan_comp'), key)
+
+@patch
+def _param_index(self:Optimizer, p:Tensor) -> int:
+    "The position of `p` among all the optimizer's parameters"
+    return next(i for i,q in enumerate(q for g in self.param_groups for q in g['params']) if q is p)
+
+@patch
+def _plan_group(self:Optimizer, i:int, params:list, hyper:dict):
+    "Group `i`'s plan (fused buckets, and parameters left to the reference strategy with why), or `None`"
+    if self.execution == 'per_param' or not params: return None
+    planner = self.__dict__.get('_planner')
+    if planner is None: planner = self.__dict__['_planner'] = Planner()
+    return planner.plan(self, i, params, hyper)
 
 @patch
 def _frozen(self:Optimizer) -> set[Tensor]:
@@ -431,19 +532,41 @@ def step(self:Optimizer,
     if closure is not None:
         with torch.enable_grad(): loss = closure()
     to_step = self._to_step()
+    _check_gradients(self.param_lists, to_step)
     if self.nonfinite_grads == 'raise': check_finite_grads(self.param_lists, to_step)
-    hypers = [{k: v for k,v in g.items() if k != 'params'} for g in self.param_groups]
-    plans = [self._plan_group(ps, h) for ps,h in zip(to_step, hypers)]   # all checked before anything changes
-    reasons = sorted({r for _,_,rs in plans for r in rs})
-    if self.execution == 'fused' and any(rest for _,rest,_ in plans):
+    hypers = [{k: v for k,v in g.items() if k not in _NOT_HYPERS} for g in self.param_groups]
+    plans = [self._plan_group(i, ps, h) for i,(ps,h) in enumerate(zip(to_step, hypers))]   # all checked first
+    rests = [ps if gp is None else gp.rest for ps,gp in zip(to_step, plans)]
+    reasons = sorted({r for gp in plans if gp is not None for r in gp.reasons})
+    if self.execution == 'fused' and any(rests):
         raise RuntimeError(f"execution='fused', but some parameters cannot be fused: {'; '.join(reasons)}")
     counts = self.execution_counts
-    for hyper,(calls,rest,_) in zip(hypers, plans):
-        for call in calls: call.run()
+    for hyper,gp,rest in zip(hypers, plans, rests):
+        if gp is not None:
+            counts['fused'] += sum(len(b.params) for b,_,_ in gp.ready)
+            self._planner.run(self, gp)
         self._step_params(rest, hyper)
-        counts['fused'] += sum(len(c.params) for c in calls); counts['per_param'] += len(rest)
+        counts['per_param'] += len(rest)
     self.fallback_reasons = reasons
     return loss
+
+# torch.compile(opt.step) breaks the graph around the step: kernels called through ctypes are not traceable
+Optimizer.step = torch._disable_dynamo(Optimizer.step)
+
+_NOT_HYPERS = ('params', 'param_names')   # group entries that are not passed to the callbacks
+
+def _check_gradients(param_lists:list, to_step:list):
+    "Raise a `TypeError` naming the first parameter whose gradient a step cannot use, before anything changes"
+    for i,(ps,todo) in enumerate(zip(param_lists, to_step)):
+        for p in todo:
+            g = p.grad
+            if g.layout is not torch.strided or g.shape != p.shape or g.is_complex() != p.is_complex():
+                j = next(j for j,q in enumerate(ps) if q is p)
+                what = 'sparse' if g.is_sparse else f'{g.layout}' if g.layout is not torch.strided else \
+                       f'of shape {tuple(g.shape)} and dtype {g.dtype}'
+                raise TypeError(f"the gradient of parameter {j} of group {i} (shape {tuple(p.shape)}, {p.dtype}) is {what}: "
+                                "fastopt's optimizers take dense gradients of the parameter's shape and kind "
+                                "(for sparse gradients use torch.optim.SparseAdam); nothing was changed")
 
 # %% ../nbs/01_optimizer.ipynb #e744222a
 @patch
@@ -524,14 +647,39 @@ def state_dict(self:Optimizer) -> dict:
     return sd
 
 # %% ../nbs/01_optimizer.ipynb #d6ff7aa3
-def _loaded_value(v, p:Tensor, where:str):
-    "A private copy of state value `v` for parameter `p`, after checking it fits"
-    if not isinstance(v, Tensor): return copy.deepcopy(v)
-    if v.ndim > 0 and v.shape != p.shape:
-        raise ValueError(f"{where} has shape {tuple(v.shape)} but the parameter has shape {tuple(p.shape)}")
-    if v.ndim > 0 and v.is_floating_point() and v.dtype != p.dtype:
-        raise ValueError(f"{where} has dtype {v.dtype} but the parameter has dtype {p.dtype}")
-    return v.to(device=p.device, copy=True)
+def _loaded_value(opt, k:str, v, p:Tensor, schema:dict, where:str):
+    "A private copy of state value `v` for parameter `p`, checked against what the callbacks keep, in its dtype"
+    want = schema.get(k)
+    if isinstance(v, Tensor):
+        if v.ndim > 0 and v.shape != p.shape:
+            raise ValueError(f"{where} has shape {tuple(v.shape)} but the parameter has shape {tuple(p.shape)}")
+        if not (v.is_floating_point() or v.is_complex()) or (v.is_complex() and not p.is_complex()):
+            raise ValueError(f"{where} is a tensor of dtype {v.dtype}; the optimizer keeps floating state there")
+        if want is not None and want != 'tensor':
+            raise ValueError(f"{where} is a tensor; the callbacks keep a Python {want} there")
+        # as torch does, floating state takes the dtype this optimizer stores it in (a model cast with .double())
+        dtype = p.dtype if (k == 'kahan_comp' or p.is_complex()) else opt._storage_dtype(p)
+        return v.to(device=p.device, dtype=dtype if v.ndim > 0 or not p.is_complex() else v.dtype, copy=True)
+    if want == 'tensor': raise ValueError(f"{where} is a {type(v).__name__}; the callbacks keep a tensor there")
+    if want == 'int' and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+        raise ValueError(f"{where} is {v!r}; the callbacks keep an integer there (a step count)")
+    if want == 'float' and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+        raise ValueError(f"{where} is {v!r}; the callbacks keep a number there")
+    return copy.deepcopy(v)
+
+def _state_schema(opt, hyper:dict, p:Tensor) -> dict:
+    "What the callbacks keep in a parameter's state after one step: name -> 'tensor', 'int', 'float' or a type name"
+    q = torch.zeros((2,)*p.ndim, dtype=compute_dtype(p.dtype)); q.grad = torch.ones_like(q)
+    st = {}
+    try:
+        with torch.no_grad():
+            for cb in opt.cbs:
+                new = cb(q, **{**st, **hyper})
+                if isinstance(new, dict): st.update(new)
+    except Exception: return {}   # callbacks that need more than a dummy parameter: checked by structure only
+    kind = lambda v: 'tensor' if isinstance(v, Tensor) else 'int' if isinstance(v, numbers.Integral) and not \
+                     isinstance(v, bool) else 'float' if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
+    return {k: kind(v) for k,v in st.items() if kind(v)}
 
 def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
     "The groups' hypers and the state that `sd` would give `opt`; raises without changing anything"
@@ -558,15 +706,32 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
         h = _fastai_names({k: copy.deepcopy(v) for k,v in sg.items() if k != 'params'})
         lacking = sorted(k for k in opt.defaults if k not in h)   # the optimizer's own; not a scheduler's keys
         if lacking: raise ValueError(f"group {i}: state dict lacks hyper-parameters {lacking} that this optimizer uses")
-        for k,v in h.items(): check_hyper(k, v, opt._hyper_checks)
+        for k,v in h.items():
+            check_hyper(k, v, opt._hyper_checks)
+            cur = g.get(k)
+            if k in g and type(cur) is bool and type(v) is not bool or is_number(cur) and not isinstance(v, numbers.Real):
+                raise ValueError(f"group {i}: hyper-parameter {k!r} is {v!r} in the state dict; this optimizer has {cur!r}")
         hypers.append(h)
         by_index.update(zip(sg['params'], g['params']))
-    state = {}
+    state, schemas = {}, {}
+    group_of = {id(p): i for i,g in enumerate(opt.param_groups) for p in g['params']}
     for idx,s in sd['state'].items():
         if idx not in by_index: raise ValueError(f"state dict has state for parameter {idx}, which no group lists")
         if not isinstance(s, Mapping): raise ValueError(f"state of parameter {idx} is not a dict")
         p = by_index[idx]
-        state[p] = {k: _loaded_value(v, p, f"state {k!r} of parameter {idx}") for k,v in s.items()}
+        i = group_of[id(p)]
+        if (i, p.ndim, p.dtype) not in schemas:
+            h = {k: v for k,v in hypers[i].items() if k not in _NOT_HYPERS}
+            schemas[i, p.ndim, p.dtype] = _state_schema(opt, h, p)
+        schema = schemas[i, p.ndim, p.dtype]
+        stepped = [k for k in s if k not in opt._keep_on_clear]
+        lacking = [k for k in schema if k not in s] if stepped else []
+        if lacking: raise ValueError(f"state of parameter {idx} lacks {lacking}, which the callbacks keep and need")
+        if 'kahan_comp' in s and (opt.update_rounding != 'kahan' or p.dtype not in LOW_PRECISION):
+            raise ValueError(f"state of parameter {idx} holds a Kahan compensation buffer (saved with "
+                             f"update_rounding='kahan'); this optimizer uses update_rounding={opt.update_rounding!r} "
+                             f"for a {p.dtype} parameter: set update_rounding='kahan' to load it")
+        state[p] = {k: _loaded_value(opt, k, v, p, schema, f"state {k!r} of parameter {idx}") for k,v in s.items()}
     return hypers, state
 
 # %% ../nbs/01_optimizer.ipynb #a6156b68

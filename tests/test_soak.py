@@ -4,14 +4,14 @@ Slow: `pytest --runslow tests/test_soak.py`."""
 import pytest, torch
 from torch import nn
 import fastopt
-from fastopt import fusion
+import fastopt.engine.plan as plan
 
 def _state_size(opt):
     tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     slow = [s for g in (opt.slow_weights or []) for s in g]
     return dict(tensors=len(tensors), bytes=sum(t.numel() * t.element_size() for t in tensors),
                 slow=len(slow), slow_bytes=sum(t.numel() * t.element_size() for t in slow),
-                entries=sum(len(s) for s in opt.state.values()), kernels=len(fusion._kernels))
+                entries=sum(len(s) for s in opt.state.values()), kernels=len(plan._kernels))
 
 @pytest.mark.slow
 def test_ranger_soak_10k_steps_with_freezing_and_a_scheduler():
