@@ -210,7 +210,7 @@ class Sym:
 
 def _binary(op:str, reflected:bool=False):
     def f(self, o):
-        if not isinstance(o, (Sym, Num, *_SCALARS)): return NotImplemented
+        if not isinstance(o, (Sym, Num, Tensor, *_SCALARS)): return NotImplemented
         return _op(op, o, self) if reflected else _op(op, self, o)
     return f
 
