@@ -220,7 +220,9 @@ def _checked_slow_weights(self:Lookahead, saved) -> dict|None:
 
 @patch
 def _load_checked(self:Lookahead, state_dict:dict):
-    "Load a Lookahead's `state_dict` if it fits; otherwise raise and change nothing"
+    "Load `state_dict` (a Lookahead's, or fastai's) if it fits; otherwise raise and change nothing"
+    from fastopt.checkpoints import is_fastai_state_dict, from_fastai_state_dict   # (that chapter builds on this one)
+    if is_fastai_state_dict(state_dict): state_dict = from_fastai_state_dict(self, state_dict)
     missing = [k for k in ('count', 'slow_weights') if k not in state_dict]
     if missing: raise ValueError(f"state dict is missing {missing}: it was not saved by a Lookahead optimizer")
     count = state_dict['count']
@@ -232,7 +234,7 @@ def _load_checked(self:Lookahead, state_dict:dict):
 
 @patch
 def load_state_dict(self:Lookahead,
-    state_dict:dict # From `state_dict()`, possibly through `torch.save`/`torch.load`
+    state_dict:dict # From `state_dict()` (possibly through `torch.save`/`torch.load`), or fastai's Lookahead's
 ):
     "Load the inner optimizer's state, the step count and the slow weights; on a mismatch change nothing"
     _with_load_hooks(self, state_dict, self._load_checked)
