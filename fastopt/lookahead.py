@@ -8,7 +8,7 @@ Docs: https://fastopt.github.io/fastopt/lookahead.html.md"""
 from __future__ import annotations
 import numbers
 from contextlib import contextmanager
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 from fastcore.meta import delegates
@@ -17,7 +17,7 @@ from .optimizer import Optimizer, WrappingOptimizer, check_finite_grads
 from .optimizers import RAdam
 
 # %% auto #0
-__all__ = ['Lookahead', 'ranger']
+__all__ = ['Lookahead', 'frozen_grads_hidden', 'ranger']
 
 # %% ../nbs/04_lookahead.ipynb #4416135e
 def _check_k_alpha(k, alpha):
@@ -69,6 +69,19 @@ class Lookahead(WrappingOptimizer):
         else: Optimizer.set_hypers(self, **kwargs)
 
 # %% ../nbs/04_lookahead.ipynb #c9089442
+@contextmanager
+def frozen_grads_hidden(
+    opt:WrappingOptimizer # Its frozen parameters (see `Optimizer.freeze_to`) lose their gradients in the block
+):
+    "Context manager: inside the block the frozen parameters of `opt` have no gradient, so no torch optimizer moves them"
+    hidden = {p: p.grad for p in (opt._frozen() if opt.frozen_idx else ()) if p.grad is not None}
+    for p in hidden: p.grad = None
+    try: yield
+    finally:
+        for p, g in hidden.items():
+            if p.grad is None: p.grad = g   # unless the block gave it a new one (a closure's backward)
+
+# %% ../nbs/04_lookahead.ipynb #890118f5
 @patch
 @torch.no_grad()
 def _slow_weights_for(self:Lookahead, params) -> dict:
@@ -104,7 +117,7 @@ def step(self:Lookahead,
     if self.nonfinite_grads == 'raise': check_finite_grads(self.param_lists, self._to_step())
     params = [p for g in self.param_groups for p in g['params']]
     slow = self._slow_weights_for(params)
-    self.opt.step()
+    with frozen_grads_hidden(self): self.opt.step()   # a torch inner optimizer would step them
     self.count += 1
     if self.count % self.k == 0:
         frozen = self._frozen() if self.frozen_idx else set()
@@ -118,7 +131,7 @@ def step(self:Lookahead,
         if self.reset_state: self.opt.clear_state() if hasattr(self.opt, 'clear_state') else self.opt.state.clear()
     return loss
 
-# %% ../nbs/04_lookahead.ipynb #808510dd
+# %% ../nbs/04_lookahead.ipynb #e07de978
 @patch
 @torch.no_grad()
 def load_slow_weights(self:Lookahead):
@@ -146,7 +159,7 @@ def slow_weights_loaded(self:Lookahead):
     finally:
         if loaded_here: self.restore_fast_weights()
 
-# %% ../nbs/04_lookahead.ipynb #331614f4
+# %% ../nbs/04_lookahead.ipynb #d17a53c1
 @patch
 def clear_state(self:Lookahead):
     "Clear the inner optimizer's state, the slow weights and the step count"
@@ -160,12 +173,32 @@ def slow_weights(self:Lookahead) -> list[list[Tensor]]|None:
     if self._slow is None: return None
     return [[self._slow.get(p) for p in g['params']] for g in self.param_groups]
 
+def _with_state_dict_hooks(opt:torch.optim.Optimizer, make:Callable) -> dict:
+    "`make()`, run between `opt`'s state-dict pre-hooks and post-hooks (which may replace the dict), as torch runs them"
+    for hook in opt._optimizer_state_dict_pre_hooks.values(): hook(opt)
+    sd = make()
+    for hook in opt._optimizer_state_dict_post_hooks.values():
+        res = hook(opt, sd)
+        if res is not None: sd = res
+    return sd
+
+def _with_load_hooks(opt:torch.optim.Optimizer, sd, load:Callable):
+    "`load` a shallow copy of `sd` after `opt`'s load pre-hooks (which may replace it), then run its load post-hooks"
+    if not isinstance(sd, Mapping): raise TypeError(f"expected a state dict (a dict), got {type(sd).__name__}")
+    sd = dict(sd)   # as torch: the hooks may change the copy, never the caller's dict
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        res = hook(opt, sd)
+        if res is not None: sd = res
+    load(sd)
+    for hook in opt._optimizer_load_state_dict_post_hooks.values(): hook(opt)
+
 @patch
 def state_dict(self:Lookahead) -> dict:
     "The inner optimizer's state dict, with the step count and the slow weights"
-    return {**self.opt.state_dict(), 'count': self.count, 'slow_weights': self.slow_weights}
+    return _with_state_dict_hooks(self, lambda: {**self.opt.state_dict(), 'count': self.count,
+                                                 'slow_weights': self.slow_weights})
 
-# %% ../nbs/04_lookahead.ipynb #0d22f53d
+# %% ../nbs/04_lookahead.ipynb #2be1d107
 @patch
 def _checked_slow_weights(self:Lookahead, saved) -> dict|None:
     "Copies of the saved slow weights keyed by parameter, after checking they fit"
@@ -186,10 +219,10 @@ def _checked_slow_weights(self:Lookahead, saved) -> dict|None:
     return res
 
 @patch
-def load_state_dict(self:Lookahead,
-    state_dict:dict # From `state_dict()`, possibly through `torch.save`/`torch.load`
-):
-    "Load the inner optimizer's state, the step count and the slow weights; on a mismatch change nothing"
+def _load_checked(self:Lookahead, state_dict:dict):
+    "Load `state_dict` (a Lookahead's, or fastai's) if it fits; otherwise raise and change nothing"
+    from fastopt.checkpoints import is_fastai_state_dict, from_fastai_state_dict   # (that chapter builds on this one)
+    if is_fastai_state_dict(state_dict): state_dict = from_fastai_state_dict(self, state_dict)
     missing = [k for k in ('count', 'slow_weights') if k not in state_dict]
     if missing: raise ValueError(f"state dict is missing {missing}: it was not saved by a Lookahead optimizer")
     count = state_dict['count']
@@ -199,7 +232,20 @@ def load_state_dict(self:Lookahead,
     self.opt.load_state_dict({k: v for k, v in state_dict.items() if k not in ('count', 'slow_weights')})
     self.count, self._slow = int(count), slow
 
-# %% ../nbs/04_lookahead.ipynb #e4797fe8
+@patch
+def load_state_dict(self:Lookahead,
+    state_dict:dict # From `state_dict()` (possibly through `torch.save`/`torch.load`), or fastai's Lookahead's
+):
+    "Load the inner optimizer's state, the step count and the slow weights; on a mismatch change nothing"
+    _with_load_hooks(self, state_dict, self._load_checked)
+
+# %% ../nbs/04_lookahead.ipynb #1da34414
+@patch
+def __repr__(self:Lookahead) -> str:
+    reset = ', reset_state=True' if self.reset_state else ''
+    return f"Lookahead(k={self.k}, alpha={self.alpha}{reset}, opt={self.opt!r})"
+
+# %% ../nbs/04_lookahead.ipynb #e30fbf43
 @delegates(RAdam)
 def ranger(
     params:Tensor|Iterable, # Model parameters, or groups of them

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from fastcore.basics import patch
 from .optimizer import WrappingOptimizer, resolve_hyper, check_hyper, check_finite_grads, _is_group
+from .lookahead import frozen_grads_hidden, _with_state_dict_hooks, _with_load_hooks
 
 # %% auto #0
 __all__ = ['pytorch_hp_map', 'detuplify_pg', 'set_item_pg', 'OptimWrapper']
@@ -108,13 +109,14 @@ def set_hypers(self:OptimWrapper, **kwargs):
 
 @patch
 def step(self:OptimWrapper, closure=None):
-    "The torch optimizer's step (after checking the gradients when `nonfinite_grads='raise'`)"
-    if self.nonfinite_grads != 'raise': return self.opt.step(closure)
+    "The torch optimizer's step, blind to frozen parameters (after checking the gradients when `nonfinite_grads='raise'`)"
+    if self.nonfinite_grads != 'raise':
+        with frozen_grads_hidden(self): return self.opt.step(closure)   # LBFGS calls the closure itself
     loss = None
     if closure is not None:
         with torch.enable_grad(): loss = closure()
     check_finite_grads(self.param_lists, self._to_step())
-    self.opt.step()
+    with frozen_grads_hidden(self): self.opt.step()
     return loss
 
 @patch
@@ -126,10 +128,17 @@ def clear_state(self:OptimWrapper):
     self.opt.state = defaultdict(dict)
 
 @patch
-def state_dict(self:OptimWrapper) -> dict: return self.opt.state_dict()
+def state_dict(self:OptimWrapper) -> dict:
+    "The torch optimizer's state dict (through the hooks registered on the wrapper, then on the torch optimizer)"
+    return _with_state_dict_hooks(self, self.opt.state_dict)
 
 @patch
-def load_state_dict(self:OptimWrapper, state_dict:dict): self.opt.load_state_dict(state_dict)
+def load_state_dict(self:OptimWrapper, state_dict:dict):
+    "Load the torch optimizer's state dict (through the hooks registered on the wrapper, then on the torch optimizer)"
+    _with_load_hooks(self, state_dict, self.opt.load_state_dict)
+
+@patch
+def __repr__(self:OptimWrapper) -> str: return f"OptimWrapper({self.opt!r})"
 
 @patch
 def add_param_group(self:OptimWrapper, param_group:dict): self.opt.add_param_group(param_group)

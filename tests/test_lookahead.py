@@ -217,3 +217,93 @@ def test_fix_set_hyper_reaches_optim_wrapper_under_lookahead():
     opt = Lookahead(fastopt.OptimWrapper([torch.zeros(2)], torch.optim.AdamW, lr=1e-2))
     opt.set_hyper('lr', 0.5)
     assert opt.opt.opt.param_groups[0]['lr'] == 0.5 and opt.hypers[0]['lr'] == 0.5
+
+# ---- frozen parameters under a Lookahead over a torch optimizer ----
+
+FROZEN_SHAPES = [[(5, 4), (4,)], [(3,), (2, 2)]]
+TORCH_INNER = {
+    'torch-AdamW': lambda groups: torch.optim.AdamW([{'params': g} for g in groups], lr=1e-2, weight_decay=0.1),
+    'OptimWrapper-AdamW': lambda groups: fastopt.OptimWrapper(groups, torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
+}
+
+def _train_then_freeze(opt, groups, grads):
+    "Freeze the first group, `zero_grad(set_to_none=False)` (the frozen group keeps zeroed gradients), train on"
+    flat = [p for g in groups for p in g]
+    opt.freeze(); opt.zero_grad(set_to_none=False)
+    for step_grads in grads:
+        for p, g in zip(flat, step_grads):
+            if p.requires_grad: p.grad = g.clone()
+        opt.step()
+    return flat
+
+def _run_first_group_gradless_after(opt, groups, grads, n):
+    "Step `opt`; after `n` steps the first group gets no gradient (what a torch optimizer expects of frozen ones)"
+    flat, first = [p for g in groups for p in g], {id(p) for p in groups[0]}
+    for i, step_grads in enumerate(grads):
+        for p, g in zip(flat, step_grads): p.grad = None if i >= n and id(p) in first else g.clone()
+        opt.step()
+    return flat
+
+def _torch_state(opt):
+    inner = opt.opt.opt if isinstance(opt.opt, fastopt.OptimWrapper) else opt.opt
+    return {id(p): {k: v.clone() for k, v in s.items()} for p, s in inner.state.items()}
+
+@pytest.mark.parametrize('k,alpha', [(3, 0.5), (2, 1.0)])
+@pytest.mark.parametrize('inner', list(TORCH_INNER))
+def test_frozen_parameters_never_move_over_torch_optimizer(inner, k, alpha):
+    ours, ref = make_groups(FROZEN_SHAPES), make_groups(FROZEN_SHAPES)
+    grads = gradient_stream(ours, 10)
+    opt = Lookahead(TORCH_INNER[inner](ours), k=k, alpha=alpha)
+    run(opt, ours, grads[:4])                       # a mid-cycle freeze for k=3, with AdamW state for every param
+    frozen, state = [p.clone() for p in ours[0]], _torch_state(opt)
+    _train_then_freeze(opt, ours, grads[4:])
+    for p, f in zip(ours[0], frozen): assert torch.equal(p, f)        # no decay, no momentum, no sync drift
+    after = _torch_state(opt)
+    for p in ours[0]:                                                # their state is untouched
+        assert all(torch.equal(after[id(p)][n], v) for n, v in state[id(p)].items())
+    for p in ours[0]: assert p.grad is not None and not p.grad.any()
+    # the trained group moves as over an inner optimizer that never saw the frozen parameters' gradients (at
+    # alpha = 1 that is a plain torch AdamW); unfrozen, the first group would be synchronised, frozen it is not
+    ref_opt = TORCH_INNER['torch-AdamW'](ref)
+    if alpha != 1.0: ref_opt = Lookahead(ref_opt, k=k, alpha=alpha)
+    _run_first_group_gradless_after(ref_opt, ref, grads, 4)
+    for a, b in zip(ref[1], ours[1]): assert torch.equal(a, b)
+
+# ---- state-dict hooks registered on the Lookahead run, as torch runs them ----
+
+@pytest.mark.parametrize('inner', ['fastopt-Adam', 'torch-AdamW'])
+def test_state_dict_hooks_run(inner):
+    make = ((lambda m: Adam(m.parameters(), lr=1e-2)) if inner == 'fastopt-Adam' else
+            (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)))
+    model = _model(); opt = Lookahead(make(model), k=2); _train(model, opt, _batches(3))
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append(('pre', o)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, 'extra': 1})
+    sd = opt.state_dict()
+    assert calls == [('pre', opt)] and sd['extra'] == 1 and sd['count'] == 3
+    fresh = Lookahead(make(_model()), k=2)
+    seen = []
+    def load_pre(o, sd):
+        seen.append(o); sd = {k: v for k, v in sd.items() if k != 'extra'}
+        return {**sd, 'count': 5}
+    fresh.register_load_state_dict_pre_hook(load_pre)
+    fresh.register_load_state_dict_post_hook(lambda o: seen.append(('post', o.count)))
+    fresh.load_state_dict(sd)
+    assert seen == [fresh, ('post', 5)] and fresh.count == 5
+    assert sd['extra'] == 1 and sd['count'] == 3                       # the caller's dict is unchanged
+    for a, b in zip(fresh.slow_weights[0], opt.slow_weights[0]): assert torch.equal(a, b)
+
+def test_hooks_survive_pickling():
+    import pickle
+    opt = Lookahead(Adam([torch.zeros(2)], lr=1e-2))
+    restored = pickle.loads(pickle.dumps(opt))       # hooks are not pickled: the copy has none, and works
+    assert 'slow_weights' in restored.state_dict()
+
+def test_repr_shows_settings_and_inner_optimizer():
+    inner = Adam([torch.zeros(2)], lr=1e-2)
+    r = repr(Lookahead(inner, k=4, alpha=0.3))
+    assert r.startswith('Lookahead(k=4, alpha=0.3, ') and repr(inner) in r and 'reset_state' not in r
+    assert 'reset_state=True' in repr(Lookahead(inner, reset_state=True))
+    assert repr(ranger([torch.zeros(2)], lr=1e-3)).startswith('Lookahead(k=6, alpha=0.5, ')
+    wrapped = fastopt.OptimWrapper([torch.zeros(2)], torch.optim.AdamW, lr=1e-2)
+    assert repr(wrapped) in repr(Lookahead(wrapped)) and 'AdamW' in repr(Lookahead(wrapped))

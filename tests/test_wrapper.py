@@ -56,3 +56,101 @@ def test_freeze_and_force_train_flags():
     assert [p.requires_grad for g in groups for p in g] == [True, False, False]
     opt.clear_state()
     assert opt.state[groups[0][0]] == {'force_train': True} and len(opt.opt.state) == 0
+
+# ---- frozen parameters: a wrapped torch optimizer never moves them ----
+
+FROZEN_SHAPES = [[(5, 4), (4,)], [(3,), (2, 2)]]
+
+def train_then_freeze(opt, groups, grads):
+    "Freeze the first group, `zero_grad(set_to_none=False)` (the frozen group keeps zeroed gradients), train on"
+    flat = [p for g in groups for p in g]
+    opt.freeze(); opt.zero_grad(set_to_none=False)
+    for step_grads in grads:
+        for p, g in zip(flat, step_grads):
+            if p.requires_grad: p.grad = g.clone()
+        opt.step()
+    return flat
+
+def plain_torch_run(opt, groups, grads, n_frozen_after):
+    "Step torch optimizer `opt`; after `n_frozen_after` steps the first group gets no gradient (what torch expects)"
+    flat, frozen = [p for g in groups for p in g], {id(p) for p in groups[0]}
+    for i, step_grads in enumerate(grads):
+        for p, g in zip(flat, step_grads): p.grad = None if i >= n_frozen_after and id(p) in frozen else g.clone()
+        opt.step()
+    return flat
+
+def torch_state(opt, ps):
+    "Copies of the torch optimizer's state of `ps`"
+    return [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+
+def assert_same_state(a, b):
+    for sa, sb in zip(a, b):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+def test_frozen_parameters_never_move_under_wrapped_adamw():
+    ours, ref = make_groups(FROZEN_SHAPES), make_groups(FROZEN_SHAPES)
+    grads = gradient_stream(ours, 8)
+    opt = OptimWrapper(ours, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    torch_opt = torch.optim.AdamW([{'params': g} for g in ref], lr=1e-2, weight_decay=0.1)
+    run(opt, ours, grads[:3])
+    frozen, state = [p.clone() for p in ours[0]], torch_state(opt.opt, ours[0])
+    train_then_freeze(opt, ours, grads[3:])
+    for p, f in zip(ours[0], frozen): assert torch.equal(p, f)                     # no decay, no momentum
+    assert_same_state(torch_state(opt.opt, ours[0]), state)                          # state untouched
+    for p in ours[0]: assert p.grad is not None and not p.grad.any()                 # their zeroed grads are back
+    # the trained group moves exactly as a plain AdamW moves it when the frozen parameters have no gradient
+    for a, b in zip(plain_torch_run(torch_opt, ref, grads, 3), [p for g in ours for p in g]): assert torch.equal(a, b)
+
+def test_frozen_gradients_come_back_when_the_torch_step_raises():
+    class Failing(torch.optim.SGD):
+        def step(self, closure=None): raise RuntimeError("boom")
+    groups = make_groups([[(3,)], [(2,)]])
+    opt = OptimWrapper(opt=Failing([{'params': g} for g in groups], lr=0.1))
+    opt.freeze()
+    grads = [torch.ones(3), torch.ones(2)]
+    for p, g in zip([groups[0][0], groups[1][0]], grads): p.grad = g
+    with pytest.raises(RuntimeError, match='boom'): opt.step()
+    assert groups[0][0].grad is grads[0] and groups[1][0].grad is grads[1]
+
+def test_closure_passes_through_with_frozen_parameters():
+    "The torch optimizer still gets the closure (LBFGS calls it itself, several times)"
+    torch.manual_seed(0); model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    opt = OptimWrapper([list(model[0].parameters()), list(model[1].parameters())], torch.optim.SGD, lr=0.1,
+                       momentum=0.9, weight_decay=0.1)
+    opt.freeze()
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    frozen = [p.clone() for p in model[0].parameters()]
+    def closure():
+        opt.zero_grad(); loss = nn.functional.mse_loss(model(x), y); loss.backward(); return loss
+    trained = [p.clone() for p in model[1].parameters()]
+    for _ in range(3): loss = opt.step(closure)
+    assert loss is not None and not torch.equal(model[1].weight, trained[0])
+    assert all(torch.equal(a, b) for a, b in zip(model[0].parameters(), frozen))
+
+# ---- state-dict hooks registered on the wrapper run, as torch runs them ----
+
+def test_state_dict_hooks_run():
+    torch.manual_seed(0); model = nn.Linear(3, 2)
+    opt = OptimWrapper(model.parameters(), torch.optim.AdamW, lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward(); opt.step()
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append(('pre', o)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, 'extra': 1})
+    sd = opt.state_dict()
+    assert calls == [('pre', opt)] and sd['extra'] == 1
+    opt2 = OptimWrapper(model.parameters(), torch.optim.AdamW, lr=1e-2)
+    seen = []
+    def load_pre(o, sd):
+        seen.append(o); sd = {k: v for k, v in sd.items() if k != 'extra'}
+        sd['param_groups'] = [{**g, 'lr': 0.5} for g in sd['param_groups']]
+        return sd
+    opt2.register_load_state_dict_pre_hook(load_pre)
+    opt2.register_load_state_dict_post_hook(lambda o: seen.append(('post', o.hypers[0]['lr'])))
+    opt2.load_state_dict(sd)
+    assert seen == [opt2, ('post', 0.5)] and opt2.opt.state_dict()['state'][0]['step'] == 1
+    assert sd['extra'] == 1 and sd['param_groups'][0]['lr'] == 1e-2        # the caller's dict is unchanged
+
+def test_repr_names_the_wrapper_and_the_torch_optimizer():
+    opt = OptimWrapper([torch.zeros(2)], torch.optim.AdamW, lr=1e-2)
+    r = repr(opt)
+    assert r.startswith('OptimWrapper(') and repr(opt.opt) in r and 'AdamW' in r and 'lr: 0.01' in r
