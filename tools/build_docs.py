@@ -43,7 +43,14 @@ def process():
 
 # ---- 3. notebooks for myst-nb ----
 
-DOC_URL = 'https://fastopt.github.io/fastopt/'   # where nbdev points backticked names (from pyproject.toml)
+def _doc_url() -> str:
+    "Where nbdev points backticked names: its join of pyproject's Documentation URL, '/' when there is none"
+    from urllib.parse import urljoin
+    from fastopt._modidx import d
+    s = d['settings']
+    return urljoin(s.get('doc_host', '') + '/', s.get('doc_baseurl', '/')).rstrip('/') + '/'
+
+DOC_URL = _doc_url()   # fix_links makes links under it relative, so that the built site works offline
 TAGS = {('echo', 'false'): 'remove-input', ('output', 'false'): 'remove-output', ('include', 'false'): 'remove-cell',
         ('code-fold', 'true'): 'hide-input', ('code-fold', 'show'): 'hide-input'}
 MATHJAX = Path('/usr/share/javascript/mathjax')   # Debian's libjs-mathjax, copied into the site
