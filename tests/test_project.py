@@ -44,7 +44,7 @@ def test_notebook_relative_links_point_to_files_in_the_repository():
             if cell['cell_type'] != 'markdown': continue
             missing += [f'{nb.name} cell {i} ({cell.get("id")}): {t}' for t in _relative_links(''.join(cell['source']))
                         if not (nb.parent/t).exists()]
-    assert missing == [], 'links to files that do not exist (a page.html link works only in the built site):\n' + '\n'.join(missing)
+    assert missing == [], 'missing files (a page.html link works only in the built site):\n' + '\n'.join(missing)
 
 def _demo(*args):
     return subprocess.run([sys.executable, str(ROOT/'examples'/'train_digits.py'), *args],
@@ -66,3 +66,13 @@ def test_demo_trains_in_a_learner_and_plots(tmp_path):
     rows = [r for r in rows if len(r) == 4]
     assert len(rows) == 2 and all(float(r[2].rstrip('%')) > 85 for r in rows), res.stdout
     assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+def test_demo_in_a_log_prints_one_line_per_epoch(tmp_path):
+    "stdout piped, as in CI or `make demo > log`: no progress-bar redraws (carriage returns), one line per epoch"
+    res = _demo('--epochs', '2', '--only', 'Adam', '--plot', str(tmp_path/'curves.png'))
+    assert res.returncode == 0, res.stderr
+    assert '\r' not in res.stdout + res.stderr and '█' not in res.stdout
+    lines = res.stdout.splitlines()
+    assert len(lines) < 15, res.stdout
+    assert [l.split(':')[0].strip() for l in lines if l.strip().startswith('epoch ')] == ['epoch 1/2', 'epoch 2/2']
+    assert any(l.startswith('optimizer') for l in lines) and any(l.split()[:1] == ['Adam'] for l in lines), res.stdout
