@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The project's main job: train a small model with optimizers built from callback lists.
+# In a terminal it shows fastai's progress bars; redirected to a log, one line per epoch (ARGS="--progress ...").
 demo: $(STAMP)
 	$(BIN)/python examples/train_digits.py $(ARGS)
 

@@ -1,10 +1,12 @@
 """Train a small network on scikit-learn's bundled digits (1,797 8x8 images, no download) in a fastai Learner with
 several fastopt optimizers, one of them composed on the command line from a list of callbacks. Prints a table
 (optimizer, final train loss, validation accuracy, seconds per epoch) and writes a PNG of the training-loss curves.
+Progress shows as fastai's bars in a terminal and as one line per epoch in a log (stdout not a terminal).
 
     python examples/train_digits.py --epochs 5 --cbs weight_decay,average_grad,momentum_step
 """
 import argparse, sys, time, warnings
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 READY_MADE = {  # name: (opt_func, a learning rate suited to it)
@@ -26,8 +28,12 @@ def parse_args(argv):
     ap.add_argument('--only', default=None, help='comma-separated subset of: ' + ', '.join([*READY_MADE, 'composed']))
     ap.add_argument('--plot', default='digits_losses.png', help='where to write the loss curves (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--no-bar', action='store_true', help="hide fastai's progress bars")
+    ap.add_argument('--progress', choices=['bars', 'lines', 'none'], default=None,
+                    help="fastai's progress bars, one line per epoch, or nothing (default: bars in a terminal, else lines)")
+    ap.add_argument('--no-bar', action='store_const', dest='progress', const='none', help='same as --progress none')
     args = ap.parse_args(argv)
+    # a log (file, pipe, CI) keeps every redraw of a bar: thousands of carriage-return fragments per run
+    if args.progress is None: args.progress = 'bars' if sys.stdout.isatty() else 'lines'
     if args.epochs < 1: ap.error('--epochs must be at least 1')
     if args.bs < 1: ap.error('--bs must be at least 1')
     if not args.cbs_lr > 0: ap.error('--cbs-lr must be a positive number')
@@ -61,6 +67,26 @@ def composed(cbs):
     extra = {} if 'mom' in fastopt.callback_defaults(cbs) else dict(mom=0.9)
     return partial(fastopt.Optimizer, cbs=cbs, **extra)
 
+def epoch_logger(learn, n_epoch):
+    "A fastai logger that prints the Recorder's values of each epoch on one line"
+    def log(values):
+        epoch, *rest = values
+        names = learn.recorder.metric_names[1:]
+        fields = [f'{n} {v:.4f}' if isinstance(v, float) else f'{n} {v}' for n, v in zip(names, rest)]
+        print(f'  epoch {epoch + 1}/{n_epoch}: ' + ', '.join(fields), flush=True)
+    return log
+
+@contextmanager
+def showing_progress(learn, progress:str, n_epoch:int):
+    "A context for fitting `learn` with `progress` ('bars', 'lines' or 'none') shown"
+    from fastai.learner import noop   # fastai's own, which its progress bars compare the logger with (not fastcore's)
+    old_logger = learn.logger
+    # with bars, fastai's table of epochs is left out too: the final table sums up every optimizer
+    learn.logger = epoch_logger(learn, n_epoch) if progress == 'lines' else noop
+    try:
+        with (nullcontext() if progress == 'bars' else learn.no_bar()): yield
+    finally: learn.logger = old_logger
+
 def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings('ignore')
@@ -83,10 +109,7 @@ def main(argv=None):
         learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy)
         print(f"\n{name} (lr {lr:g})", flush=True)
         start = time.perf_counter()
-        with learn.no_logging():
-            if args.no_bar:
-                with learn.no_bar(): learn.fit_one_cycle(args.epochs, lr)
-            else: learn.fit_one_cycle(args.epochs, lr)
+        with showing_progress(learn, args.progress, args.epochs): learn.fit_one_cycle(args.epochs, lr)
         per_epoch = (time.perf_counter() - start) / args.epochs
         losses = [float(l) for l in learn.recorder.losses]   # before validate(), which resets the recorder
         with learn.no_bar(), learn.no_logging(): valid_loss, acc = learn.validate()

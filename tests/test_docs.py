@@ -132,3 +132,6 @@ def test_cross_references(site):
     assert 'href="https://docs.pytorch.org/docs/stable/optim.html"' in html['pytorch']
     assert 'href="https://docs.fast.ai/learner.html"' in html['fastai']
     assert not any('fastopt.github.io' in page for page in html.values()), 'a link to the unbuilt online site'
+    assert not any('#LNone' in page for page in html.values()), 'a [source] link without its line'
+    # the home page links notebooks (08_fusion.ipynb), which works in a checkout; on the site that is the page
+    assert re.search(r'href="fusion\.html"><span[^>]*>fused kernel', html['index'])

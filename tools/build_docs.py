@@ -43,7 +43,14 @@ def process():
 
 # ---- 3. notebooks for myst-nb ----
 
-DOC_URL = 'https://fastopt.github.io/fastopt/'   # where nbdev points backticked names (from pyproject.toml)
+def _doc_url() -> str:
+    "Where nbdev points backticked names: its join of pyproject's Documentation URL, '/' when there is none"
+    from urllib.parse import urljoin
+    from fastopt._modidx import d
+    s = d['settings']
+    return urljoin(s.get('doc_host', '') + '/', s.get('doc_baseurl', '/')).rstrip('/') + '/'
+
+DOC_URL = _doc_url()   # fix_links makes links under it relative, so that the built site works offline
 TAGS = {('echo', 'false'): 'remove-input', ('output', 'false'): 'remove-output', ('include', 'false'): 'remove-cell',
         ('code-fold', 'true'): 'hide-input', ('code-fold', 'show'): 'hide-input'}
 MATHJAX = Path('/usr/share/javascript/mathjax')   # Debian's libjs-mathjax, copied into the site
@@ -127,6 +134,13 @@ def _external_link(m) -> str:
     if name in FASTAI_DOCS: return f'[`{name}`](https://docs.fast.ai/{FASTAI_DOCS[name]})'
     return m.group(0)
 
+def _source_line(obj) -> str:
+    "The '#L<line>' anchor of `obj`'s definition in its source file, '' when it has none"
+    import inspect
+    obj = getattr(obj, 'fget', obj)   # a property: its getter
+    try: return f'#L{inspect.getsourcelines(inspect.unwrap(obj))[1]}'
+    except (TypeError, OSError): return ''
+
 def doc_entry(target:str, ns:dict, anchors:dict, md:str|None=None) -> str:
     "A Markdown section documenting `target`: its anchor, heading, signature, docstring, source link, parameter table"
     obj = eval(target, ns)
@@ -134,6 +148,8 @@ def doc_entry(target:str, ns:dict, anchors:dict, md:str|None=None) -> str:
         from nbdev.showdoc import show_doc
         md = show_doc(obj)._repr_markdown_()
     md = fix_links(re.sub(r'^\s*---\s*\n', '', md))
+    # show_doc outputs stored by nbdev-test (run from nbs/, where nbdev cannot find fastopt/*.py) say '#LNone'
+    md = md.replace('#LNone)', _source_line(obj) + ')')
     anchor = anchors.get(target, target.lower())
     # the anchor goes under the heading, so that it lies in the section the heading opens
     md = re.sub(r'^(#+ .*)$', lambda m: f'{m.group(1)}\n\n<a class="doc-entry" id="{anchor}"></a>', md, count=1, flags=re.M)

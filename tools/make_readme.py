@@ -4,11 +4,21 @@
     python tools/make_readme.py --check   # exit 1 if README.md is stale
 
 Markdown cells are copied; code cells become Python blocks followed by their text output; cells marked
-`#| hide` (or `#| include: false`) and the `> summary` line's quote marker are handled as nbdev renders them."""
-import json, sys
+`#| hide` (or `#| include: false`) and the `> summary` line's quote marker are handled as nbdev renders them.
+Relative links are written relative to the notebook (`08_fusion.ipynb`, which the docs build maps to its page);
+README.md lies one folder up, so they are rewritten to `nbs/08_fusion.ipynb`."""
+import json, os, re, sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
+
+def rebase_links(md:str, nb_dir:Path) -> str:
+    "Relative Markdown link targets in `md`, written from `nb_dir`, rewritten to be relative to the repository root"
+    def rebase(m):
+        target = m.group(2)
+        if re.match(r'[a-z][\w+.-]*:|[#/]', target): return m.group(0)   # URLs, mailto:, anchors, absolute paths
+        return f'{m.group(1)}({Path(os.path.relpath(nb_dir/target, root)).as_posix()})'
+    return re.sub(r'(\])\(([^)\s]+)\)', rebase, md)
 
 def _hidden(src):
     opts = [l.replace(' ', '') for l in src.splitlines() if l.startswith('#|')]
@@ -25,7 +35,7 @@ def render(nb_path=root/'nbs'/'index.ipynb') -> str:
     for cell in nb['cells']:
         src = ''.join(cell['source']).strip()
         if not src or _hidden(src): continue
-        if cell['cell_type'] == 'markdown': parts.append(src)
+        if cell['cell_type'] == 'markdown': parts.append(rebase_links(src, Path(nb_path).parent))
         else:
             parts.append(f'```python\n{src}\n```')
             text = ''.join(_output_text(o) for o in cell.get('outputs', [])).rstrip()
