@@ -18,17 +18,26 @@ __all__ = ['closed_unit_interval', 'positive', 'boolean', 'sgd_step', 'weight_de
            'radam_step', 'qhadam_step', 'larc_layer_lr', 'larc_step', 'lamb_step']
 
 # %% ../nbs/02_callbacks.ipynb #f53a54b5
-def closed_unit_interval(name:str, v):
+def closed_unit_interval(
+    name:str, # Hyper-parameter name, for the error message
+    v # Its value
+):
     "Check that hyper-parameter `name` is a number in [0, 1]"
     x = _real(name, v)
     if not 0 <= x <= 1: raise ValueError(f"invalid {name!r}: {v!r} (must be in [0, 1])")
 
-def positive(name:str, v):
+def positive(
+    name:str, # Hyper-parameter name, for the error message
+    v # Its value
+):
     "Check that hyper-parameter `name` is a finite number > 0"
     x = _real(name, v)
     if not (math.isfinite(x) and x > 0): raise ValueError(f"invalid {name!r}: {v!r} (must be a finite number > 0)")
 
-def boolean(name:str, v):
+def boolean(
+    name:str, # Argument or hyper-parameter name, for the error message
+    v # Its value
+):
     "Check that `name` is `True` or `False` (not merely truthy: `'no'` would switch a feature on)"
     if not isinstance(v, bool): raise TypeError(f"{name!r} must be True or False, got {type(v).__name__}: {v!r}")
 
