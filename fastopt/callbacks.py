@@ -8,13 +8,38 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from .optimizer import _real, non_negative
 
 # %% auto #0
-__all__ = ['sgd_step', 'weight_decay', 'l2_reg', 'average_grad', 'average_sqr_grad', 'step_stat', 'momentum_step',
-           'rms_prop_step', 'debias', 'adam_step', 'rectification', 'radam_step', 'qhadam_step', 'larc_layer_lr',
-           'larc_step', 'lamb_step']
+__all__ = ['closed_unit_interval', 'positive', 'boolean', 'sgd_step', 'weight_decay', 'l2_reg', 'average_grad',
+           'average_sqr_grad', 'step_stat', 'momentum_step', 'rms_prop_step', 'debias', 'adam_step', 'rectification',
+           'radam_step', 'qhadam_step', 'larc_layer_lr', 'larc_step', 'lamb_step']
 
 # %% ../nbs/02_callbacks.ipynb #f53a54b5
+def closed_unit_interval(
+    name:str, # Hyper-parameter name, for the error message
+    v # Its value
+):
+    "Check that hyper-parameter `name` is a number in [0, 1]"
+    x = _real(name, v)
+    if not 0 <= x <= 1: raise ValueError(f"invalid {name!r}: {v!r} (must be in [0, 1])")
+
+def positive(
+    name:str, # Hyper-parameter name, for the error message
+    v # Its value
+):
+    "Check that hyper-parameter `name` is a finite number > 0"
+    x = _real(name, v)
+    if not (math.isfinite(x) and x > 0): raise ValueError(f"invalid {name!r}: {v!r} (must be a finite number > 0)")
+
+def boolean(
+    name:str, # Argument or hyper-parameter name, for the error message
+    v # Its value
+):
+    "Check that `name` is `True` or `False` (not merely truthy: `'no'` would switch a feature on)"
+    if not isinstance(v, bool): raise TypeError(f"{name!r} must be True or False, got {type(v).__name__}: {v!r}")
+
+# %% ../nbs/02_callbacks.ipynb #811e8700
 def sgd_step(
     p:Tensor, # Parameter to update; its gradient is `p.grad`
     lr:float, # Learning rate
@@ -23,7 +48,7 @@ def sgd_step(
     "Take a step of size `lr` against the gradient"
     p.data.add_(p.grad.data, alpha=-lr)
 
-# %% ../nbs/02_callbacks.ipynb #811e8700
+# %% ../nbs/02_callbacks.ipynb #058bd467
 def weight_decay(
     p:Tensor, # Parameter to decay
     lr:float, # Learning rate
@@ -48,7 +73,7 @@ def l2_reg(
 
 l2_reg.defaults = dict(wd=0.)
 
-# %% ../nbs/02_callbacks.ipynb #4c337a62
+# %% ../nbs/02_callbacks.ipynb #5b27470e
 def average_grad(
     p:Tensor, # Parameter whose gradient is averaged
     mom:float, # Momentum of the average, β1
@@ -56,15 +81,18 @@ def average_grad(
     grad_avg:Tensor|None=None, # The average so far (from the state)
     **kwargs
 ) -> dict:
-    "Keep a moving average of the gradients of `p` in `grad_avg`"
-    if grad_avg is None: grad_avg = torch.zeros_like(p.grad.data)
+    "Keep a moving average of the gradients of `p` in `grad_avg` (none while it would be the gradient itself)"
+    if grad_avg is None:
+        if mom == 0 and not dampening: return {}   # a branch on a hyper-parameter, not a tensor: traceable
+        grad_avg = torch.zeros_like(p.grad.data)
     damp = 1-mom if dampening else 1.
     grad_avg.mul_(mom).add_(p.grad.data, alpha=damp)
     return {'grad_avg': grad_avg}
 
 average_grad.defaults = dict(mom=0.9)
+average_grad.hyper_checks = dict(dampening=boolean)   # `mom` is checked by the optimizer
 
-# %% ../nbs/02_callbacks.ipynb #5b27470e
+# %% ../nbs/02_callbacks.ipynb #2f3ee561
 def average_sqr_grad(
     p:Tensor, # Parameter whose squared gradient is averaged
     sqr_mom:float, # Momentum of the average, β2
@@ -79,8 +107,9 @@ def average_sqr_grad(
     return {'sqr_avg': sqr_avg}
 
 average_sqr_grad.defaults = dict(sqr_mom=0.99)
+average_sqr_grad.hyper_checks = dict(dampening=boolean)   # `sqr_mom` is checked by the optimizer
 
-# %% ../nbs/02_callbacks.ipynb #08c10e82
+# %% ../nbs/02_callbacks.ipynb #01cbcc86
 def step_stat(
     p:Tensor, # Parameter being stepped
     step:int=0, # Steps taken so far (from the state)
@@ -89,17 +118,17 @@ def step_stat(
     "Count the steps taken by `p` in `step`"
     return {'step': step + 1}
 
-# %% ../nbs/02_callbacks.ipynb #20b6074a
+# %% ../nbs/02_callbacks.ipynb #69de0fa0
 def momentum_step(
     p:Tensor, # Parameter to update
     lr:float, # Learning rate
-    grad_avg:Tensor, # Averaged gradient, from `average_grad`
+    grad_avg:Tensor|None=None, # Averaged gradient, if `average_grad` keeps one; else the gradient is used
     **kwargs
 ):
-    "Step for SGD with momentum: move `p` by `lr` along `grad_avg`"
-    p.data.add_(grad_avg, alpha=-lr)
+    "Step for SGD with momentum: move `p` by `lr` along `grad_avg` (or the gradient)"
+    p.data.add_(p.grad.data if grad_avg is None else grad_avg, alpha=-lr)
 
-# %% ../nbs/02_callbacks.ipynb #01cbcc86
+# %% ../nbs/02_callbacks.ipynb #d1eab224
 def rms_prop_step(
     p:Tensor, # Parameter to update
     lr:float, # Learning rate
@@ -114,7 +143,7 @@ def rms_prop_step(
 
 rms_prop_step.defaults = dict(eps=1e-8)
 
-# %% ../nbs/02_callbacks.ipynb #69de0fa0
+# %% ../nbs/02_callbacks.ipynb #6f02dcbe
 def debias(
     mom:float, # Momentum of the moving average
     damp:float, # Weight of each new value (`1-mom` when dampened, else 1)
@@ -123,7 +152,7 @@ def debias(
     "Total weight of a moving average after `step` steps: what it must be divided by to be unbiased"
     return damp * (1 - mom**step) / (1-mom)
 
-# %% ../nbs/02_callbacks.ipynb #aa09eb8f
+# %% ../nbs/02_callbacks.ipynb #8def60a8
 def adam_step(
     p:Tensor, # Parameter to update
     lr:float, # Learning rate
@@ -142,7 +171,7 @@ def adam_step(
 
 adam_step.defaults = dict(eps=1e-5)
 
-# %% ../nbs/02_callbacks.ipynb #4efd2aac
+# %% ../nbs/02_callbacks.ipynb #9c4faf8c
 def rectification(
     sqr_mom:float, # Momentum of the squared-gradient average, β2
     step:int # Steps taken
@@ -178,8 +207,9 @@ def radam_step(
     p.data.addcdiv_(grad_avg, denom, value=-lr*v/debias1)
 
 radam_step.defaults = dict(eps=1e-5, beta=0.)
+radam_step.hyper_checks = dict(beta=non_negative)   # a negative sharpness would make the denominator negative
 
-# %% ../nbs/02_callbacks.ipynb #379173a9
+# %% ../nbs/02_callbacks.ipynb #3c5603f5
 def qhadam_step(
     p:Tensor, # Parameter to update
     lr:float, # Learning rate
@@ -202,8 +232,9 @@ def qhadam_step(
                     value=-lr)
 
 qhadam_step.defaults = dict(eps=1e-8, nu_1=0.7, nu_2=1.0)
+qhadam_step.hyper_checks = dict(nu_1=closed_unit_interval, nu_2=closed_unit_interval)   # weights of a mean
 
-# %% ../nbs/02_callbacks.ipynb #e9a93b2c
+# %% ../nbs/02_callbacks.ipynb #fde3e1a7
 def larc_layer_lr(
     p:Tensor, # Parameter whose local learning rate is computed
     lr:float, # Learning rate
@@ -221,6 +252,7 @@ def larc_layer_lr(
     return {'local_lr': torch.where((p_norm == 0) | (g_norm == 0), lr, local_lr)}
 
 larc_layer_lr.defaults = dict(trust_coeff=0.02, wd=0., eps=1e-8)
+larc_layer_lr.hyper_checks = dict(trust_coeff=positive, clip=boolean)   # τ = 0 would stop every trained tensor
 
 def larc_step(
     p:Tensor, # Parameter to update
@@ -231,7 +263,7 @@ def larc_step(
     "Step for LARC: move `p` by `local_lr` against its (averaged) gradient"
     p.data.add_(p.grad.data if grad_avg is None else grad_avg, alpha=-local_lr)
 
-# %% ../nbs/02_callbacks.ipynb #50347cf9
+# %% ../nbs/02_callbacks.ipynb #fb20c324
 def lamb_step(
     p:Tensor, # Parameter to update
     lr:float, # Learning rate

@@ -13,16 +13,28 @@ from .callbacks import *
 # %% auto #0
 __all__ = ['SGD', 'RMSProp', 'Adam', 'RAdam', 'QHAdam', 'Larc', 'Lamb']
 
-# %% ../nbs/03_optimizers.ipynb #53d7b13b
+# %% ../nbs/03_optimizers.ipynb #96728aa6
 def _decay(decouple_wd:bool) -> list:
     "The weight-decay callback: true weight decay, or L2 regularization"
+    boolean('decouple_wd', decouple_wd)
     return [weight_decay] if decouple_wd else [l2_reg]
+
+def _build(
+    name:str, # What the optimizer is called (its `name`, which its `repr` shows)
+    params:Tensor|Iterable, # Model parameters, or groups of them
+    cbs:list, # Its callbacks
+    **hypers # Its hyper-parameters
+) -> Optimizer:
+    "An `Optimizer` running `cbs` on `params` with `hypers`, named `name`"
+    opt = Optimizer(params, cbs, **hypers)
+    opt.name = name
+    return opt
 
 def _adaptive(stepper:Callable) -> list:
     "The stats of the Adam family (dampened gradient average, squared-gradient average, step count), then `stepper`"
     return [partial(average_grad, dampening=True), average_sqr_grad, step_stat, stepper]
 
-# %% ../nbs/03_optimizers.ipynb #b043d9ee
+# %% ../nbs/03_optimizers.ipynb #19384f51
 def SGD(
     params:Tensor|Iterable, # Model parameters, or groups of them
     lr:float|slice, # Learning rate
@@ -31,12 +43,9 @@ def SGD(
     decouple_wd:bool=True # True weight decay, or L2 regularization
 ) -> Optimizer:
     "Stochastic gradient descent, with optional momentum and weight decay"
-    cbs = _decay(decouple_wd)
-    if mom != 0: cbs.append(average_grad)
-    cbs.append(sgd_step if mom == 0 else momentum_step)
-    return Optimizer(params, cbs, lr=lr, mom=mom, wd=wd)
+    return _build('SGD', params, _decay(decouple_wd) + [average_grad, momentum_step], lr=lr, mom=mom, wd=wd)
 
-# %% ../nbs/03_optimizers.ipynb #a6cf1d41
+# %% ../nbs/03_optimizers.ipynb #68158348
 def RMSProp(
     params:Tensor|Iterable, # Model parameters, or groups of them
     lr:float|slice, # Learning rate
@@ -47,12 +56,10 @@ def RMSProp(
     decouple_wd:bool=True # True weight decay, or L2 regularization
 ) -> Optimizer:
     "RMSProp, with optional momentum and weight decay"
-    cbs = _decay(decouple_wd)
-    cbs += ([average_sqr_grad] if mom == 0. else [average_grad, average_sqr_grad])
-    cbs.append(rms_prop_step)
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
+    cbs = _decay(decouple_wd) + [average_grad, average_sqr_grad, rms_prop_step]
+    return _build('RMSProp', params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-# %% ../nbs/03_optimizers.ipynb #68158348
+# %% ../nbs/03_optimizers.ipynb #bb13fb67
 def Adam(
     params:Tensor|Iterable, # Model parameters, or groups of them
     lr:float|slice, # Learning rate
@@ -64,9 +71,9 @@ def Adam(
 ) -> Optimizer:
     "Adam, or AdamW with `decouple_wd=True`"
     cbs = _decay(decouple_wd) + _adaptive(adam_step)
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return _build('Adam', params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-# %% ../nbs/03_optimizers.ipynb #bb13fb67
+# %% ../nbs/03_optimizers.ipynb #c08a17f5
 def RAdam(
     params:Tensor|Iterable, # Model parameters, or groups of them
     lr:float|slice, # Learning rate
@@ -79,9 +86,9 @@ def RAdam(
 ) -> Optimizer:
     "RAdam (rectified Adam), or RAdamW with `decouple_wd=True`"
     cbs = _decay(decouple_wd) + _adaptive(radam_step)
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta)
+    return _build('RAdam', params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta)
 
-# %% ../nbs/03_optimizers.ipynb #f6930536
+# %% ../nbs/03_optimizers.ipynb #acc50313
 def QHAdam(
     params:Tensor|Iterable, # Model parameters, or groups of them
     lr:float|slice, # Learning rate
@@ -96,9 +103,9 @@ def QHAdam(
     "QHAdam (quasi-hyperbolic Adam), or QHAdamW with `decouple_wd=True`"
     cbs = _decay(decouple_wd) + [partial(average_grad, dampening=True), partial(average_sqr_grad, dampening=True),
                                  step_stat, qhadam_step]
-    return Optimizer(params, cbs, lr=lr, nu_1=nu_1, nu_2=nu_2, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return _build('QHAdam', params, cbs, lr=lr, nu_1=nu_1, nu_2=nu_2, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-# %% ../nbs/03_optimizers.ipynb #acc50313
+# %% ../nbs/03_optimizers.ipynb #eda5a1e0
 def Larc(
     params:Tensor|Iterable, # Model parameters, or groups of them
     lr:float|slice, # Learning rate
@@ -110,12 +117,11 @@ def Larc(
     decouple_wd:bool=True # True weight decay, or L2 regularization
 ) -> Optimizer:
     "LARC (or LARS with `clip=False`): a learning rate per parameter tensor"
-    cbs = _decay(decouple_wd)
-    if mom != 0.: cbs.append(average_grad)
-    cbs += [partial(larc_layer_lr, clip=clip), larc_step]
-    return Optimizer(params, cbs, lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)
+    boolean('clip', clip)
+    cbs = _decay(decouple_wd) + [average_grad, partial(larc_layer_lr, clip=clip), larc_step]
+    return _build('Larc', params, cbs, lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)
 
-# %% ../nbs/03_optimizers.ipynb #7adb0022
+# %% ../nbs/03_optimizers.ipynb #31bd8031
 def Lamb(
     params:Tensor|Iterable, # Model parameters, or groups of them
     lr:float|slice, # Learning rate
@@ -127,4 +133,4 @@ def Lamb(
 ) -> Optimizer:
     "LAMB: Adam with a per-tensor trust ratio"
     cbs = _decay(decouple_wd) + _adaptive(lamb_step)
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return _build('Lamb', params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -185,3 +185,29 @@ def test_fix_lookahead_sync_leaves_frozen_parameters_alone():
     assert all(unchanged)
     # the slow weights joined the frozen ones, so unfreezing resumes training from where the group was frozen
     assert all(torch.equal(s, f) for s, f in zip(opt.slow_weights[0], frozen))
+
+def test_fix_rmsprop_eps_reaches_the_callbacks():
+    "fastai's RMSProp takes `eps` but never passes it on: its stepper uses the default 1e-8 whatever it is given"
+    for mod, used in [(fai, 1e-8), (fastopt, 0.1)]:
+        p = torch.ones(3); opt = mod.RMSProp([p], lr=0.1, eps=0.1)
+        assert opt.hypers[0]['eps'] == used, mod.__name__
+        p.grad = torch.full((3,), 0.1); opt.step()   # sqrt(v) = sqrt(0.01 g²) = 0.01: the step is lr*g/(0.01 + eps)
+        torch.testing.assert_close(p, torch.full((3,), 1 - 0.1*0.1/(0.01 + used)))
+
+@pytest.mark.parametrize('name', ['SGD', 'RMSProp', 'Larc'])
+def test_fix_momentum_set_after_construction_takes_effect(name):
+    "fastai chooses the callbacks from `mom` at construction: built with mom=0, it ignores a momentum set later"
+    def steps(mod):
+        groups = make_groups(SHAPES)
+        opt = getattr(mod, name)(groups, lr=1e-2, mom=0.)
+        grads = gradient_stream(groups, 3)
+        run(opt, groups, grads[:1]); opt.set_hyper('mom', 0.9); return run(opt, groups, grads[1:])
+    def reference(mom):   # fastai's, with momentum `mom` from the second step on (its sqr_avg carried over)
+        groups = make_groups(SHAPES)
+        opt, grads = getattr(fai, name)(groups, lr=1e-2, mom=0.), gradient_stream(groups, 3)
+        run(opt, groups, grads[:1])
+        opt2 = getattr(fai, name)(groups, lr=1e-2, mom=mom)
+        for p in opt.state: opt2.state[p] = {k: v for k, v in opt.state[p].items() if k == 'sqr_avg'}
+        return run(opt2, groups, grads[1:])
+    for a, b in zip(steps(fai), reference(0.)): torch.testing.assert_close(a, b)       # fastai: still no momentum
+    for a, b in zip(steps(fastopt), reference(0.9)): torch.testing.assert_close(a, b)  # fastopt: momentum from step 2
