@@ -741,6 +741,8 @@ def load_state_dict(self:Optimizer,
     for hook in self._optimizer_load_state_dict_pre_hooks.values():
         res = hook(self, state_dict)
         if res is not None: state_dict = res
+    from fastopt.checkpoints import is_fastai_state_dict, from_fastai_state_dict   # it imports this module
+    if is_fastai_state_dict(state_dict): state_dict = from_fastai_state_dict(self, state_dict)   # fastai's own format
     hypers, state = _checked_state_dict(self, state_dict)
     for g,h in zip(self.param_groups, hypers): g.update(h)   # keys only the live group has (a scheduler's) stay
     self.state = defaultdict(dict, state)

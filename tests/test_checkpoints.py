@@ -30,9 +30,6 @@ CASES = {   # name: (fastai's factory, fastopt's), each from groups
 @pytest.mark.parametrize('how', ['convert', 'load_state_dict'])
 def test_fastai_checkpoint_continues_in_fastopt(case, how, request):
     make_fai, make_ours = CASES[case]
-    if how == 'load_state_dict' and 'ranger' not in case and 'Lookahead' not in case:   # strict: drop it once wired
-        request.applymarker(pytest.mark.xfail(strict=True, raises=ValueError,
-                                              reason="Optimizer.load_state_dict does not yet convert fastai's format"))
     theirs = make_groups(SHAPES)
     grads = gradient_stream(theirs, N + M)
     fai_opt = make_fai(theirs)

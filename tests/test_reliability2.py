@@ -74,3 +74,126 @@ def test_callbacks_declare_checks_of_their_hyper_parameters():
     import pickle, copy
     for clone in (copy.deepcopy(opt), ):
         with pytest.raises(ValueError, match="invalid 'beta'"): clone.set_hyper('beta', -1.)
+
+# --- item 1: complex parameters are pairs of reals, as torch.optim treats them
+@pytest.mark.parametrize('execution', ['auto', 'per_param'])
+def test_complex_parameters_match_torch_adam(execution):
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 3, dtype=torch.complex64, generator=g); q = p.clone()
+    ours = Adam([p], lr=1e-2, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., execution=execution) \
+        if False else Adam([p], lr=1e-2, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.)
+    ours.execution = execution
+    theirs = torch.optim.Adam([q], lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(5):
+        grad = torch.randn(4, 3, dtype=torch.complex64, generator=g)
+        p.grad, q.grad = grad.clone(), grad.clone()
+        ours.step(); theirs.step()
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert ours.state[p]['grad_avg'].dtype == torch.complex64
+
+# --- item 6: L2 regularisation never writes into the user's gradient, and takes expanded gradients
+@pytest.mark.parametrize('execution', ['auto', 'per_param'])
+def test_l2_leaves_the_gradient_alone(execution):
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = Adam([p], lr=1e-2, wd=0.1, decouple_wd=False); opt.execution = execution
+    p.grad = torch.ones(5)
+    opt.step()
+    assert torch.equal(p.grad, torch.ones(5))
+    p.grad = torch.ones(1).expand(5)   # an expanded gradient (stride 0)
+    opt.step()
+    assert torch.equal(p.grad, torch.ones(5))
+
+# --- item 11: named parameters and 0-d numpy values, as torch takes them
+def test_named_parameters_and_numpy_scalars_are_accepted():
+    import numpy as np
+    model = torch.nn.Linear(3, 2)
+    opt = Adam(model.named_parameters(), lr=np.array(1e-3))
+    assert opt.param_groups[0]['param_names'] == ['weight', 'bias'] and opt.param_groups[0]['lr'] == 1e-3
+    assert 'param_names' not in opt.hypers[0]
+    model(torch.randn(4, 3)).sum().backward(); opt.step()
+
+# --- item 14: sparse gradients are refused before anything changes; torch.compile(opt.step) runs
+def test_sparse_gradient_is_a_type_error_and_changes_nothing():
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = Adam([a, b], lr=1e-2)
+    a.grad = torch.ones(4); b.grad = torch.ones(4).to_sparse()
+    before = (a.detach().clone(), b.detach().clone())
+    with pytest.raises(TypeError, match='parameter 1 of group 0.*sparse'): opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and not opt.state
+
+def test_torch_compile_of_step_runs_and_matches_eager():
+    ps, qs = [torch.randn(6)], [torch.randn(6)]
+    qs[0].data.copy_(ps[0])
+    a, b = Adam(ps, lr=1e-2), Adam(qs, lr=1e-2)
+    step = torch.compile(a.step)
+    for _ in range(3):
+        g = torch.randn(6); ps[0].grad, qs[0].grad = g.clone(), g.clone()
+        step(); b.step()
+    assert torch.equal(ps[0], qs[0])
+
+def test_repr_names_the_optimizer_and_its_settings():
+    r = repr(Adam([torch.randn(2)], lr=1e-3))
+    assert r.startswith('Adam (') and "update_rounding='kahan'" in r and 'lr: 0.001' in r
+
+# --- item 9 and 13: load_state_dict checks values and casts floating state like torch
+def _trained_adam(dtype=torch.float32):
+    p = torch.nn.Parameter(torch.randn(3, dtype=dtype))
+    opt = Adam([p], lr=1e-2); p.grad = torch.ones_like(p); opt.step()
+    return p, opt
+
+@pytest.mark.parametrize('corrupt,msg', [
+    (lambda s: s.__setitem__('step', 1.5), 'integer'),
+    (lambda s: s.__setitem__('grad_avg', torch.ones(3, dtype=torch.int64)), 'floating state'),
+    (lambda s: s.pop('sqr_avg'), "lacks \\['sqr_avg'\\]"),
+])
+def test_load_state_dict_checks_values(corrupt, msg):
+    p, opt = _trained_adam()
+    sd = opt.state_dict(); corrupt(sd['state'][0])
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k,v in opt.state[p].items()}
+    with pytest.raises(ValueError, match=msg): opt.load_state_dict(sd)
+    assert opt.state[p].keys() == before.keys() and torch.equal(opt.state[p]['grad_avg'], before['grad_avg'])
+
+def test_load_state_dict_hyper_of_the_wrong_type_is_refused():
+    p, opt = _trained_adam()
+    sd = opt.state_dict(); sd['param_groups'][0]['lr'] = 'fast'
+    with pytest.raises((ValueError, TypeError), match="'lr'"): opt.load_state_dict(sd)
+
+def test_float32_state_loads_into_float64_parameters_as_float64():
+    p, opt = _trained_adam()
+    sd = opt.state_dict()
+    q = torch.nn.Parameter(p.detach().double()); q.grad = torch.ones_like(q)
+    opt2 = Adam([q], lr=1e-2); opt2.load_state_dict(sd)
+    assert opt2.state[q]['grad_avg'].dtype == torch.float64
+    opt2.step()
+    assert opt2.execution_counts['per_param'] == 0
+
+# --- item 8: the kernel cache never breaks a step
+def test_a_truncated_cached_library_is_rebuilt(tmp_path, monkeypatch):
+    import fastopt.engine.cpu as cpu, fastopt.engine.plan as plan
+    monkeypatch.setenv('FASTOPT_CACHE_DIR', str(tmp_path))
+    monkeypatch.setattr(cpu, '_loaded', {}); monkeypatch.setattr(cpu, '_failed', {}); monkeypatch.setattr(plan, '_kernels', {})
+    def one_step():
+        p = torch.randn(3); p.grad = torch.ones(3)
+        opt = Adam([p], lr=0.1, wd=0.123); opt.execution = 'fused'; opt.step()
+    one_step()
+    libs = list((tmp_path/'kernels').glob('*.so'))
+    for lib in libs: lib.write_bytes(b'')   # an empty (truncated) library
+    monkeypatch.setattr(cpu, '_loaded', {}); monkeypatch.setattr(plan, '_kernels', {})
+    one_step()
+    assert all(lib.stat().st_size > 0 for lib in libs)
+
+def test_no_home_and_no_cache_variable_still_fuses(monkeypatch):
+    import fastopt.engine.cpu as cpu, pathlib
+    monkeypatch.delenv('FASTOPT_CACHE_DIR', raising=False)
+    def no_home(): raise RuntimeError('Could not determine home directory.')
+    monkeypatch.setattr(pathlib.Path, 'home', staticmethod(no_home))
+    assert 'fastopt-kernels-' in str(cpu.cache_dir())
+
+def test_the_machine_tag_names_cpu_features_on_every_architecture(monkeypatch):
+    import fastopt.engine.cpu as cpu, io, builtins
+    text = 'processor\t: 0\nFeatures\t: fp asimd sve\n'
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, 'open', lambda f, *a, **k: io.StringIO(text) if f == '/proc/cpuinfo' else real_open(f, *a, **k))
+    cpu.machine_tag.cache_clear()
+    try: assert 'sve' in cpu.machine_tag()
+    finally: cpu.machine_tag.cache_clear()
