@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from fastcore.meta import delegates
 from fastcore.basics import patch
-from .optimizer import Optimizer, WrappingOptimizer, check_finite_grads
+from .optimizer import Optimizer, WrappingOptimizer, settings as optimizer_settings, check_finite_grads
 from .optimizers import RAdam
 
 # %% auto #0
@@ -31,11 +31,17 @@ class Lookahead(WrappingOptimizer):
         opt:torch.optim.Optimizer, # The inner optimizer, which takes the fast steps
         k:int=6, # Fast steps between synchronisations
         alpha:float=0.5, # How far the slow weights move towards the fast weights at a synchronisation
-        reset_state:bool=False # Reset the inner optimizer's state at every synchronisation (as optax offers)
+        reset_state:bool=False, # Reset the inner optimizer's state at every synchronisation (as optax offers)
+        **settings # Settings for the inner fastopt optimizer (`state_dtype=...`, `update_rounding=...`)
     ):
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"Lookahead wraps a torch.optim.Optimizer (any fastopt optimizer), got {type(opt).__name__}")
         _check_k_alpha(k, alpha)
+        unknown = sorted(set(settings) - set(optimizer_settings))
+        if unknown: raise TypeError(f"Lookahead() got unexpected keyword arguments {unknown}; settings are {list(optimizer_settings)}")
+        if settings and not isinstance(opt, Optimizer):
+            raise ValueError(f"settings {sorted(settings)} apply to fastopt optimizers; {type(opt).__name__} runs its own step")
+        for k_, v in settings.items(): setattr(opt, k_, v)   # checked by the inner optimizer, before anything else
         super().__init__(opt)
         self.k, self.alpha, self.reset_state = k, alpha, reset_state
         self._fast_backup = None   # fast weights while the slow ones are loaded for evaluation

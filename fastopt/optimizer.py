@@ -77,7 +77,7 @@ def _named(items) -> bool:
 def _unnamed(group:dict) -> dict:
     "`group` with `(name, tensor)` pairs split into `params` and `param_names`, as torch stores them"
     ps = group['params']
-    ps = list(ps) if not isinstance(ps, Tensor) and isinstance(ps, Iterable) else ps
+    ps = list(ps) if isinstance(ps, Iterable) and not isinstance(ps, (Tensor, set, frozenset)) else ps
     if isinstance(ps, list) and ps and _named(ps):
         group = {**group, 'params': [t for _,t in ps], 'param_names': [n for n,_ in ps]}
     else: group['params'] = ps
@@ -148,20 +148,22 @@ def callback_name(cb) -> str:
     return getattr(f, '__qualname__', type(f).__qualname__)
 
 # %% ../nbs/01_optimizer.ipynb #3e01ccde
+_NOT_HYPERS = ('params', 'param_names')   # group entries that are not hyper-parameters (torch keeps names there)
+
 class HyperView(MutableMapping):
     "The hyper-parameters of torch-style param group `group`: a live view that hides `params`"
     def __init__(self, group:dict): self.group = group
     def __getitem__(self, k):
-        if k == 'params': raise KeyError(k)
+        if k in _NOT_HYPERS: raise KeyError(k)
         return dict.__getitem__(self.group, k)   # stored names only: torch's aliases are not hypers
-    def __contains__(self, k): return k != 'params' and dict.__contains__(self.group, k)
+    def __contains__(self, k): return k not in _NOT_HYPERS and dict.__contains__(self.group, k)
     def __setitem__(self, k, v):
         if k == 'params': raise KeyError("set parameters through `param_lists`, not `hypers`")
         self.group[k] = _plain(v)   # the group checks it
     def __delitem__(self, k):
         if k == 'params': raise KeyError(k)
         del self.group[k]
-    def __iter__(self): return (k for k in self.group if k not in ('params', 'param_names'))
+    def __iter__(self): return (k for k in self.group if k not in _NOT_HYPERS)
     def __len__(self): return sum(1 for _ in self)
     def __repr__(self): return repr(dict(self))
 
@@ -315,7 +317,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # hooks are not pickled; checks are rebuilt from the callbacks (a user's check may be a lambda)
-        return {k: v for k,v in self.__dict__.items() if not k.startswith('_optimizer_') and k != '_hyper_checks'}
+        return {k: v for k,v in self.__dict__.items() if not k.startswith('_optimizer_') and k not in ('_hyper_checks', '_planner')}
     def __setstate__(self, state:dict):
         had_flag = 'differentiable' in state.get('defaults', {})
         super().__setstate__(state)
@@ -551,7 +553,6 @@ def step(self:Optimizer,
 # torch.compile(opt.step) breaks the graph around the step: kernels called through ctypes are not traceable
 Optimizer.step = torch._disable_dynamo(Optimizer.step)
 
-_NOT_HYPERS = ('params', 'param_names')   # group entries that are not passed to the callbacks
 
 def _check_gradients(param_lists:list, to_step:list):
     "Raise a `TypeError` naming the first parameter whose gradient a step cannot use, before anything changes"

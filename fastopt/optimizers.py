@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import partial
 from collections.abc import Callable, Iterable
 from torch import Tensor
-from .optimizer import Optimizer
+from .optimizer import Optimizer, settings as optimizer_settings
 from .callbacks import *
 
 # %% auto #0
@@ -23,10 +23,13 @@ def _build(
     name:str, # What the optimizer is called (its `name`, which its `repr` shows)
     params:Tensor|Iterable, # Model parameters, or groups of them
     cbs:list, # Its callbacks
+    settings:dict, # Optimizer settings given to the factory (`state_dtype=...`)
     **hypers # Its hyper-parameters
 ) -> Optimizer:
-    "An `Optimizer` running `cbs` on `params` with `hypers`, named `name`"
-    opt = Optimizer(params, cbs, **hypers)
+    "An `Optimizer` running `cbs` on `params` with `hypers` and `settings`, named `name`"
+    unknown = sorted(set(settings) - set(optimizer_settings))
+    if unknown: raise TypeError(f"{name}() got unexpected keyword arguments {unknown}; its settings are {list(optimizer_settings)}")
+    opt = Optimizer(params, cbs, **settings, **hypers)
     opt.name = name
     return opt
 
@@ -40,10 +43,11 @@ def SGD(
     lr:float|slice, # Learning rate
     mom:float=0., # Momentum, β1 (0: plain SGD)
     wd:float=0., # Weight decay (true or L2)
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "Stochastic gradient descent, with optional momentum and weight decay"
-    return _build('SGD', params, _decay(decouple_wd) + [average_grad, momentum_step], lr=lr, mom=mom, wd=wd)
+    return _build('SGD', params, _decay(decouple_wd) + [average_grad, momentum_step], settings, lr=lr, mom=mom, wd=wd)
 
 # %% ../nbs/03_optimizers.ipynb #68158348
 def RMSProp(
@@ -53,11 +57,12 @@ def RMSProp(
     sqr_mom:float=0.99, # Momentum of the squared-gradient average, β2
     eps:float=1e-8, # Added to the denominator for numerical stability
     wd:float=0., # Weight decay (true or L2)
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "RMSProp, with optional momentum and weight decay"
     cbs = _decay(decouple_wd) + [average_grad, average_sqr_grad, rms_prop_step]
-    return _build('RMSProp', params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return _build('RMSProp', params, cbs, settings, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/03_optimizers.ipynb #bb13fb67
 def Adam(
@@ -67,11 +72,12 @@ def Adam(
     sqr_mom:float=0.99, # Momentum of the squared-gradient average, β2
     eps:float=1e-5, # Added to the denominator for numerical stability
     wd:float=0.01, # Weight decay (true: AdamW, or L2: Adam)
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "Adam, or AdamW with `decouple_wd=True`"
     cbs = _decay(decouple_wd) + _adaptive(adam_step)
-    return _build('Adam', params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return _build('Adam', params, cbs, settings, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/03_optimizers.ipynb #c08a17f5
 def RAdam(
@@ -82,11 +88,12 @@ def RAdam(
     eps:float=1e-5, # Added to the denominator for numerical stability
     wd:float=0., # Weight decay (true or L2)
     beta:float=0., # Softplus sharpness for SAdam; 0 disables it
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "RAdam (rectified Adam), or RAdamW with `decouple_wd=True`"
     cbs = _decay(decouple_wd) + _adaptive(radam_step)
-    return _build('RAdam', params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta)
+    return _build('RAdam', params, cbs, settings, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta)
 
 # %% ../nbs/03_optimizers.ipynb #acc50313
 def QHAdam(
@@ -98,12 +105,13 @@ def QHAdam(
     nu_2:float=1.0, # Immediate discount of the squared-gradient average
     eps:float=1e-8, # Added to the denominator for numerical stability
     wd:float=0., # Weight decay (true or L2)
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "QHAdam (quasi-hyperbolic Adam), or QHAdamW with `decouple_wd=True`"
     cbs = _decay(decouple_wd) + [partial(average_grad, dampening=True), partial(average_sqr_grad, dampening=True),
                                  step_stat, qhadam_step]
-    return _build('QHAdam', params, cbs, lr=lr, nu_1=nu_1, nu_2=nu_2, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return _build('QHAdam', params, cbs, settings, lr=lr, nu_1=nu_1, nu_2=nu_2, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/03_optimizers.ipynb #eda5a1e0
 def Larc(
@@ -114,12 +122,13 @@ def Larc(
     trust_coeff:float=0.02, # Trust coefficient τ of the local rates
     eps:float=1e-8, # Added to the denominator for numerical stability
     wd:float=0., # Weight decay (true or L2)
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "LARC (or LARS with `clip=False`): a learning rate per parameter tensor"
     boolean('clip', clip)
     cbs = _decay(decouple_wd) + [average_grad, partial(larc_layer_lr, clip=clip), larc_step]
-    return _build('Larc', params, cbs, lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)
+    return _build('Larc', params, cbs, settings, lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)
 
 # %% ../nbs/03_optimizers.ipynb #31bd8031
 def Lamb(
@@ -129,8 +138,9 @@ def Lamb(
     sqr_mom:float=0.99, # Momentum of the squared-gradient average, β2
     eps:float=1e-5, # Added to the denominator for numerical stability
     wd:float=0., # Weight decay (true or L2)
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "LAMB: Adam with a per-tensor trust ratio"
     cbs = _decay(decouple_wd) + _adaptive(lamb_step)
-    return _build('Lamb', params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return _build('Lamb', params, cbs, settings, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -32,7 +32,7 @@ BAD = {   # argument of a ready-made optimizer -> values none may take
     'clip': ['yes', 1, None], 'decouple_wd': ['no', 0, None],
 }
 
-def _args(factory): return [a for a in inspect.signature(factory).parameters if a != 'params']
+def _args(factory): return [a for a in inspect.signature(factory).parameters if a not in ('params', 'settings')]
 
 BAD_CASES = [(name, arg, bad) for name, f in FACTORIES.items() for arg in _args(f) for bad in BAD[arg]]
 
@@ -191,10 +191,10 @@ def _lookahead(params, **kw): return fastopt.Lookahead(fastopt.Adam(params, lr=1
 ALL = {**{name: (f, dict(lr=1e-2, wd=0.1)) for name, f in FACTORIES.items()},
        'SGD': (fastopt.SGD, dict(lr=1e-2, mom=0.9, wd=0.1)), 'Larc': (fastopt.Larc, dict(lr=1e-2, wd=1e-3)),
        'ranger': (fastopt.ranger, dict(lr=1e-2)), 'Lookahead': (_lookahead, {})}
-SIGNATURES = {'Lookahead': [a for a in inspect.signature(fastopt.Lookahead).parameters if a != 'opt']}
+SIGNATURES = {'Lookahead': [a for a in inspect.signature(fastopt.Lookahead).parameters if a not in ('opt', 'settings')]}
 
 def _all_args(name):
-    return SIGNATURES.get(name) or [a for a in inspect.signature(ALL[name][0]).parameters if a not in ('params', 'kwargs')]
+    return SIGNATURES.get(name) or [a for a in inspect.signature(ALL[name][0]).parameters if a not in ('params', 'kwargs', 'settings')]
 
 ARG_CASES = [(name, arg) for name in ALL for arg in _all_args(name)]
 

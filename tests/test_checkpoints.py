@@ -70,8 +70,6 @@ def _fai_adam_sd(shapes=SHAPES, steps=3, make=lambda ps: fai.Adam(ps, lr=1e-2)):
     (lambda: fastopt.SGD(make_groups(SHAPES), lr=1e-2, mom=0.9), {},
      r"hyper-parameters \['eps', 'sqr_mom'\] are not this optimizer's"),
     (lambda: fastopt.RAdam(make_groups(SHAPES), lr=1e-2), {}, r"lack \['beta'\]"),
-    (lambda: fastopt.RMSProp(make_groups(SHAPES), lr=1e-2), dict(make=lambda ps: fai.RMSProp(ps, lr=1e-2, mom=0.9)),
-     r"has \['grad_avg', 'sqr_avg'\]; this optimizer's callbacks keep \['sqr_avg'\]"),
     (lambda: fastopt.ranger(make_groups(SHAPES), lr=1e-2), {}, 'saved by a plain optimizer'),
     (lambda: fastopt.RAdam(make_groups(SHAPES), lr=1e-2), dict(make=lambda ps: fai.ranger(ps, lr=1e-2)),
      'load it into a fastopt Lookahead'),

@@ -32,9 +32,9 @@ def browser():
         yield b
         b.close()
 
-PAGES = ['index', 'optimizer', 'callbacks', 'optimizers', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion',
-         'performance', 'distributed', 'guarantees', 'api']
-WITH_MATH = ['callbacks', 'optimizers', 'lookahead', 'fusion', 'performance']
+PAGES = ['index', 'optimizer', 'callbacks', 'optimizers', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion', 'trace',
+         'cpu', 'storage', 'performance', 'distributed', 'checkpoints', 'guarantees', 'api']
+WITH_MATH = ['callbacks', 'optimizers', 'lookahead', 'storage', 'performance']
 
 def _open(browser, url):
     page = browser.new_page(viewport={'width': 1300, 'height': 1000})

@@ -1,6 +1,6 @@
 """Reliability, round 2 (the Optimizer and engine side): torch's names are never dead keys, callbacks declare the
 checks of their own hyper-parameters, and more below. Each test failed on the code before its fix."""
-import pytest, torch
+import os, pytest, torch
 import fastopt
 from fastopt import Optimizer, SGD, Adam
 from fastopt.callbacks import weight_decay, average_grad, momentum_step, sgd_step
@@ -177,7 +177,8 @@ def test_a_truncated_cached_library_is_rebuilt(tmp_path, monkeypatch):
         opt = Adam([p], lr=0.1, wd=0.123); opt.execution = 'fused'; opt.step()
     one_step()
     libs = list((tmp_path/'kernels').glob('*.so'))
-    for lib in libs: lib.write_bytes(b'')   # an empty (truncated) library
+    for lib in libs:   # an empty (truncated) library, as a crashed writer would leave (a new file: the loaded one stays mapped)
+        tmp = lib.with_suffix('.tmp'); tmp.write_bytes(b''); os.replace(tmp, lib)
     monkeypatch.setattr(cpu, '_loaded', {}); monkeypatch.setattr(plan, '_kernels', {})
     one_step()
     assert all(lib.stat().st_size > 0 for lib in libs)

@@ -97,9 +97,10 @@ class Bucket:
         self.scalar_store = None   # per-tensor outputs, as 0-d views of one tensor kept across steps
 
 # %% ../../nbs/08_fusion.ipynb #9966f74e
-def _check(b:Bucket) -> list|None:
-    "This step's gradients for `b`, ready for the kernel, or `None` if the bucket no longer fits"
+def _check(b:Bucket, state:dict) -> list|None:
+    "This step's gradients for `b`, ready for the kernel, or `None` if the bucket no longer fits the optimizer's `state`"
     grads, gdt = [], b.gdt
+    if any(state.get(p) is not st for p, st in zip(b.params, b.states)): return None   # cleared or loaded state
     for p, shape in zip(b.params, b.shapes):
         g = p.grad
         if g is None or type(g) is not Tensor or g.dtype is not gdt or g.shape != shape or g.layout is not torch.strided:
@@ -202,11 +203,11 @@ class Planner:
     "The cached plans of an optimizer's groups"
     def __init__(self): self.plans, self.index, self.builds = {}, None, 0
 
-    def _ready(self, gp:GroupPlan, hyper:dict) -> bool:
+    def _ready(self, opt, gp:GroupPlan, hyper:dict) -> bool:
         "Check every bucket of `gp` against this step; `True` if all fit and their guards hold"
         gp.ready = []
         for b in gp.buckets:
-            grads = _check(b)
+            grads = _check(b, opt.state)
             numbers = None if grads is None else _numbers(b, hyper)
             if numbers is None: return False
             gp.ready.append((b, grads, numbers))
@@ -216,11 +217,11 @@ class Planner:
         "The plan for group `i` stepping `params` (with gradients) with `hyper`, reused when it still fits"
         gp = self.plans.get(i)
         if gp is not None and gp.ids == tuple(map(id, params)) and gp.hyper_key == _hyper_key(hyper) \
-           and self._ready(gp, hyper): return gp
+           and self._ready(opt, gp, hyper): return gp
         index = {id(p): j for j,p in enumerate(q for g in opt.param_groups for q in g['params'])}
         self.builds += 1
         gp = self.plans[i] = GroupPlan(opt, params, hyper, index)
-        if not self._ready(gp, hyper): raise RuntimeError("internal error: a fresh plan does not fit its step")
+        if not self._ready(opt, gp, hyper): raise RuntimeError("internal error: a fresh plan does not fit its step")
         return gp
 
     def run(self, opt, gp:GroupPlan):
