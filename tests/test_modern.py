@@ -1,0 +1,70 @@
+"""The modern optimizers of `fastopt.modern` against published implementations: 150 steps, three parameter groups
+with different learning rates, tensors from 0-d to 3-d, the same initial weights and random gradients, float32,
+equal to 1e-5 relative (the largest difference in a tensor over that tensor's largest magnitude). fastopt runs
+with `execution='per_param'` and with `execution='fused'` (strict: it raises rather than fall back).
+
+| fastopt                                          | reference                                                     |
+|--------------------------------------------------|---------------------------------------------------------------|
+| Lion(lr, mom, sqr_mom, wd)                       | lion_pytorch.Lion(lr, betas=(mom, sqr_mom), weight_decay=wd)  |
+| Lion(lr, mom, sqr_mom, wd[, decouple_wd])        | pytorch_optimizer.Lion(lr, betas, weight_decay, weight_decouple) |
+
+Each deliberate difference from a reference is a `test_fix_*` or `test_differs_*` test saying why.
+"""
+import pytest, torch
+import fastopt
+from fastopt.optimizer import resolve_hyper
+from fastopt.modern import *
+from helpers import make_groups, gradient_stream, run
+
+pytorch_optimizer = pytest.importorskip('pytorch_optimizer')
+
+N_STEPS = 150
+SHAPES = [[(5, 4), (4,)], [(3, 3, 2), (7,), ()], [(6, 5), (1,), (2, 1, 3)]]   # three groups; 0-d to 3-d
+LR = slice(1e-3, 1e-2)
+LRS = resolve_hyper('lr', LR, len(SHAPES))
+
+def _groups(groups, lrs=LRS, **extra):
+    "torch-style group dicts for a reference optimizer: one learning rate per group"
+    return [{'params': g, 'lr': lr, **extra} for g, lr in zip(groups, lrs)]
+
+def relative_error(xs, ys) -> float:
+    "The largest difference in a tensor over that tensor's largest magnitude, over all tensors"
+    return max(((x - y).abs().max() / y.abs().max().clamp(min=1e-12)).item() for x, y in zip(xs, ys) if x.numel())
+
+def compare(build_ours, build_ref, execution, n_steps=N_STEPS, tol=1e-5, shapes=SHAPES, before_step=None):
+    "Run fastopt and the reference on the same weights and gradients; return fastopt's optimizer and both weights"
+    ours, theirs = make_groups(shapes), make_groups(shapes)
+    grads = gradient_stream(ours, n_steps)
+    opt, ref = build_ours(ours), build_ref(theirs)
+    opt.execution = execution
+    a, b = run(opt, ours, grads), run(ref, theirs, grads)
+    err = relative_error(a, b)
+    assert err < tol, f"relative error {err:.2e}"
+    if execution == 'fused': assert opt.execution_counts['per_param'] == 0
+    return opt, a, b
+
+EXECUTIONS = ['per_param', 'fused']
+
+# ---------------------------------------------------------------------------------------------------------- Lion
+import lion_pytorch
+
+LION = {
+    'lion_pytorch':            (lambda ps: Lion(ps, lr=LR, wd=0.1),
+                                lambda ps: lion_pytorch.Lion(_groups(ps), betas=(0.9, 0.99), weight_decay=0.1)),
+    'pytorch_optimizer':       (lambda ps: Lion(ps, lr=LR, mom=0.95, sqr_mom=0.98, wd=0.1),
+                                lambda ps: pytorch_optimizer.Lion(_groups(ps), betas=(0.95, 0.98), weight_decay=0.1,
+                                                                  foreach=False)),
+    'pytorch_optimizer-L2':    (lambda ps: Lion(ps, lr=LR, wd=0.1, decouple_wd=False),
+                                lambda ps: pytorch_optimizer.Lion(_groups(ps), weight_decay=0.1, weight_decouple=False,
+                                                                  foreach=False)),
+}
+
+@pytest.mark.parametrize('execution', EXECUTIONS)
+@pytest.mark.parametrize('case', list(LION))
+def test_lion_matches_reference(case, execution):
+    compare(*LION[case], execution)
+
+def test_lion_defaults_are_the_papers():
+    opt = Lion([torch.zeros(2)], lr=1e-4)
+    assert (opt.hypers[0]['mom'], opt.hypers[0]['sqr_mom'], opt.hypers[0]['wd']) == (0.9, 0.99, 0.)
+    assert opt.param_groups[0]['betas'] == (0.9, 0.99)   # torch's name for the same two numbers
