@@ -7,6 +7,7 @@ Docs: https://fastopt.github.io/fastopt/modern.html.md"""
 # %% ../nbs/13_modern.ipynb #7dc3a946
 from __future__ import annotations
 import functools, math, numbers
+from functools import partial
 from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
@@ -14,7 +15,8 @@ from .optimizer import Optimizer, non_negative, unit_interval, callback_defaults
 from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, step_stat, debias, adam_step
 
 # %% auto #0
-__all__ = ['positive', 'open_unit_interval', 'step_count', 'non_negative_or_none', 'lion_step', 'lion_average', 'Lion']
+__all__ = ['positive', 'open_unit_interval', 'step_count', 'non_negative_or_none', 'lion_step', 'lion_average', 'Lion',
+           'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan']
 
 # %% ../nbs/13_modern.ipynb #d9cf2c29
 def _number(name, v) -> float:
@@ -83,3 +85,75 @@ def Lion(
 ) -> Optimizer:
     "Lion: the sign of an interpolated momentum"
     return Optimizer(params, _decay(decouple_wd) + [lion_step, lion_average], lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
+
+# %% ../nbs/13_modern.ipynb #5ea41336
+def adan_average(
+    p:Tensor, # Parameter whose gradients are averaged
+    diff_mom:float, # Momentum of the gradient-difference average, β2
+    sqr_mom:float, # Momentum of the squared extrapolated gradient's average, β3
+    prev_grad:Tensor|None=None, # The previous gradient (from the state; None at the first step)
+    diff_avg:Tensor|None=None, # The gradient-difference average so far
+    sqr_avg:Tensor|None=None, # The squared extrapolated gradient's average so far
+    **kwargs
+) -> dict:
+    "Adan's averages of the gradient's change (`diff_avg`) and of the squared extrapolated gradient (`sqr_avg`)"
+    g = p.grad.data
+    diff = torch.zeros_like(g) if prev_grad is None else g - prev_grad
+    if diff_avg is None: diff_avg = torch.zeros_like(g)
+    if sqr_avg is None: sqr_avg = torch.zeros_like(g)
+    ext = g + diff*diff_mom
+    return {'diff_avg': diff_avg.lerp_(diff, 1-diff_mom),
+            'sqr_avg': sqr_avg.mul_(sqr_mom).addcmul_(ext, ext, value=1-sqr_mom),
+            'prev_grad': g.clone() if prev_grad is None else prev_grad.copy_(g)}
+
+adan_average.defaults = dict(diff_mom=0.92, sqr_mom=0.99)
+adan_average.hyper_checks = dict(diff_mom=unit_interval)
+
+def adan_step(
+    p:Tensor, # Parameter to update
+    lr:float, # Learning rate
+    mom:float, # Momentum of the gradient average, β1
+    diff_mom:float, # Momentum of the gradient-difference average, β2
+    sqr_mom:float, # Momentum of the squared extrapolated gradient's average, β3
+    step:int, # Steps taken, from `step_stat`
+    grad_avg:Tensor, # Dampened gradient average, from `average_grad`
+    diff_avg:Tensor, # Gradient-difference average, from `adan_average`
+    sqr_avg:Tensor, # Squared extrapolated gradient's average, from `adan_average`
+    eps:float, # Added to the denominator for numerical stability
+    **kwargs
+):
+    "Step for Adan with `lr` on `p` (weight decay apart)"
+    denom = sqr_avg.sqrt()/(1 - sqr_mom**step)**0.5 + eps
+    p.data.addcdiv_(grad_avg, denom, value=-lr/(1 - mom**step))
+    p.data.addcdiv_(diff_avg, denom, value=-lr*diff_mom/(1 - diff_mom**step))
+
+adan_step.defaults = dict(eps=1e-8)
+adan_step.hyper_checks = dict(diff_mom=unit_interval)
+
+def proximal_weight_decay(
+    p:Tensor, # Parameter to decay, after the step
+    lr:float, # Learning rate
+    wd:float, # Weight decay
+    do_wd:bool=True, # False (in the state) exempts this parameter
+    **kwargs
+):
+    "Proximal weight decay, after the step: divide `p` by `1 + lr*wd`"
+    if do_wd and wd != 0: p.data.div_(1 + lr*wd)
+
+proximal_weight_decay.defaults = dict(wd=0.)
+
+# %% ../nbs/13_modern.ipynb #0f99b82e
+def Adan(
+    params:Tensor|Iterable, # Model parameters, or groups of them
+    lr:float|slice, # Learning rate
+    mom:float=0.98, # Momentum of the gradient average, β1
+    diff_mom:float=0.92, # Momentum of the gradient-difference average, β2
+    sqr_mom:float=0.99, # Momentum of the squared extrapolated gradient's average, β3
+    eps:float=1e-8, # Added to the denominator for numerical stability
+    wd:float=0.02, # Weight decay
+    proximal_wd:bool=True # The paper's proximal weight decay (after the step), or AdamW's (before it)
+) -> Optimizer:
+    "Adan: adaptive Nesterov momentum"
+    cbs = [partial(average_grad, dampening=True), adan_average, step_stat, adan_step]
+    cbs = cbs + [proximal_weight_decay] if proximal_wd else [weight_decay] + cbs
+    return Optimizer(params, cbs, lr=lr, mom=mom, diff_mom=diff_mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -7,6 +7,8 @@ with `execution='per_param'` and with `execution='fused'` (strict: it raises rat
 |--------------------------------------------------|---------------------------------------------------------------|
 | Lion(lr, mom, sqr_mom, wd)                       | lion_pytorch.Lion(lr, betas=(mom, sqr_mom), weight_decay=wd)  |
 | Lion(lr, mom, sqr_mom, wd[, decouple_wd])        | pytorch_optimizer.Lion(lr, betas, weight_decay, weight_decouple) |
+| Adan(lr, mom, diff_mom, sqr_mom, eps, wd)        | pytorch_optimizer.Adan(lr, betas=(mom, diff_mom, sqr_mom), eps, weight_decay=wd) |
+| Adan(..., proximal_wd=False)                     | pytorch_optimizer.Adan(..., weight_decouple=True)             |
 
 Each deliberate difference from a reference is a `test_fix_*` or `test_differs_*` test saying why.
 """
@@ -68,3 +70,24 @@ def test_lion_defaults_are_the_papers():
     opt = Lion([torch.zeros(2)], lr=1e-4)
     assert (opt.hypers[0]['mom'], opt.hypers[0]['sqr_mom'], opt.hypers[0]['wd']) == (0.9, 0.99, 0.)
     assert opt.param_groups[0]['betas'] == (0.9, 0.99)   # torch's name for the same two numbers
+
+# ---------------------------------------------------------------------------------------------------------- Adan
+ADAN = {
+    'proximal-wd':  (lambda ps: Adan(ps, lr=LR),
+                     lambda ps: pytorch_optimizer.Adan(_groups(ps), betas=(0.98, 0.92, 0.99), weight_decay=0.02,
+                                                       foreach=False)),
+    'adamw-wd':     (lambda ps: Adan(ps, lr=LR, mom=0.9, diff_mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.05, proximal_wd=False),
+                     lambda ps: pytorch_optimizer.Adan(_groups(ps), betas=(0.9, 0.9, 0.999), eps=1e-6, weight_decay=0.05,
+                                                       weight_decouple=True, foreach=True)),
+}
+
+@pytest.mark.parametrize('execution', EXECUTIONS)
+@pytest.mark.parametrize('case', list(ADAN))
+def test_adan_matches_reference(case, execution):
+    compare(*ADAN[case], execution)
+
+def test_differs_adan_default_weight_decay_is_the_papers():
+    "pytorch-optimizer's Adan defaults to no weight decay; fastopt's to the paper's 0.02 (proximal)"
+    opt = Adan([torch.zeros(2)], lr=1e-3)
+    assert opt.hypers[0]['wd'] == 0.02
+    assert pytorch_optimizer.Adan([torch.zeros(2)]).defaults['weight_decay'] == 0.
