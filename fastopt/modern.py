@@ -16,7 +16,8 @@ from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, ste
 
 # %% auto #0
 __all__ = ['positive', 'open_unit_interval', 'step_count', 'non_negative_or_none', 'lion_step', 'lion_average', 'Lion',
-           'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan']
+           'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan', 'adopt_average', 'adopt_step',
+           'adopt_sqr_average', 'ADOPT']
 
 # %% ../nbs/13_modern.ipynb #d9cf2c29
 def _number(name, v) -> float:
@@ -157,3 +158,61 @@ def Adan(
     cbs = [partial(average_grad, dampening=True), adan_average, step_stat, adan_step]
     cbs = cbs + [proximal_weight_decay] if proximal_wd else [weight_decay] + cbs
     return Optimizer(params, cbs, lr=lr, mom=mom, diff_mom=diff_mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+
+# %% ../nbs/13_modern.ipynb #e98711d6
+def adopt_average(
+    p:Tensor, # Parameter whose normalised gradients are averaged
+    mom:float, # Momentum of the average, β1
+    step:int, # Steps taken, from `step_stat`
+    eps:float, # Lower bound of the normalising root
+    clip_exp:float|None, # The normalised gradient is clipped at `step**clip_exp` (None: not clipped)
+    sqr_avg:Tensor|None=None, # The second moment of the previous step (None at the first step)
+    grad_avg:Tensor|None=None, # The average so far
+    **kwargs
+) -> dict|None:
+    "ADOPT's momentum `grad_avg` of gradients normalised by the previous second moment (nothing at the first step)"
+    if sqr_avg is None: return None
+    g = p.grad.data/sqr_avg.sqrt().clamp(min=eps)
+    if clip_exp is not None: g = g.clamp(-step**clip_exp, step**clip_exp)
+    if grad_avg is None: grad_avg = torch.zeros_like(g)
+    return {'grad_avg': grad_avg.lerp_(g, 1-mom)}
+
+adopt_average.defaults = dict(mom=0.9, eps=1e-6, clip_exp=0.25)
+adopt_average.hyper_checks = dict(clip_exp=non_negative_or_none)
+
+def adopt_step(
+    p:Tensor, # Parameter to update
+    lr:float, # Learning rate
+    grad_avg:Tensor|None=None, # The momentum, from `adopt_average` (None at the first step: no move)
+    **kwargs
+):
+    "Step for ADOPT: move `p` by `lr` along the momentum of normalised gradients"
+    if grad_avg is not None: p.data.add_(grad_avg, alpha=-lr)
+
+def adopt_sqr_average(
+    p:Tensor, # Parameter whose squared gradient is averaged
+    sqr_mom:float, # Momentum of the average, β2
+    sqr_avg:Tensor|None=None, # The average so far (None at the first step: it starts at the squared gradient)
+    **kwargs
+) -> dict:
+    "ADOPT's second moment `sqr_avg`, started at the first squared gradient and updated after the step"
+    g = p.grad.data
+    if sqr_avg is None: return {'sqr_avg': g*g}
+    return {'sqr_avg': sqr_avg.mul_(sqr_mom).addcmul_(g, g, value=1-sqr_mom)}
+
+adopt_sqr_average.defaults = dict(sqr_mom=0.9999)
+
+# %% ../nbs/13_modern.ipynb #2ac902c9
+def ADOPT(
+    params:Tensor|Iterable, # Model parameters, or groups of them
+    lr:float|slice, # Learning rate
+    mom:float=0.9, # Momentum of the normalised gradients' average, β1
+    sqr_mom:float=0.9999, # Momentum of the squared-gradient average, β2
+    eps:float=1e-6, # Lower bound of the normalising root
+    clip_exp:float|None=0.25, # Normalised gradients are clipped at `step**clip_exp`; None: no clipping
+    wd:float=0., # Weight decay (true or L2)
+    decouple_wd:bool=True # True weight decay, or L2 regularization
+) -> Optimizer:
+    "ADOPT: Adam that normalises by the previous second moment, before the momentum"
+    cbs = _decay(decouple_wd) + [step_stat, adopt_average, adopt_step, adopt_sqr_average]
+    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, clip_exp=clip_exp, wd=wd)

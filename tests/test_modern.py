@@ -9,6 +9,8 @@ with `execution='per_param'` and with `execution='fused'` (strict: it raises rat
 | Lion(lr, mom, sqr_mom, wd[, decouple_wd])        | pytorch_optimizer.Lion(lr, betas, weight_decay, weight_decouple) |
 | Adan(lr, mom, diff_mom, sqr_mom, eps, wd)        | pytorch_optimizer.Adan(lr, betas=(mom, diff_mom, sqr_mom), eps, weight_decay=wd) |
 | Adan(..., proximal_wd=False)                     | pytorch_optimizer.Adan(..., weight_decouple=True)             |
+| ADOPT(lr, mom, sqr_mom, eps, wd[, decouple_wd])  | pytorch_optimizer.ADOPT(lr, betas, eps, weight_decay, weight_decouple) |
+| ADOPT(..., clip_exp=None)                        | pytorch_optimizer.ADOPT(..., clip_lambda=None)                |
 
 Each deliberate difference from a reference is a `test_fix_*` or `test_differs_*` test saying why.
 """
@@ -91,3 +93,28 @@ def test_differs_adan_default_weight_decay_is_the_papers():
     opt = Adan([torch.zeros(2)], lr=1e-3)
     assert opt.hypers[0]['wd'] == 0.02
     assert pytorch_optimizer.Adan([torch.zeros(2)]).defaults['weight_decay'] == 0.
+
+# --------------------------------------------------------------------------------------------------------- ADOPT
+ADOPT_CASES = {
+    'defaults':     (lambda ps: ADOPT(ps, lr=LR),
+                     lambda ps: pytorch_optimizer.ADOPT(_groups(ps), betas=(0.9, 0.9999), eps=1e-6, foreach=False)),
+    'true-wd':      (lambda ps: ADOPT(ps, lr=LR, sqr_mom=0.99, wd=0.1),
+                     lambda ps: pytorch_optimizer.ADOPT(_groups(ps), betas=(0.9, 0.99), weight_decay=0.1,
+                                                        weight_decouple=True, foreach=True)),
+    'L2':           (lambda ps: ADOPT(ps, lr=LR, mom=0.8, wd=0.1, decouple_wd=False),
+                     lambda ps: pytorch_optimizer.ADOPT(_groups(ps), betas=(0.8, 0.9999), weight_decay=0.1,
+                                                        foreach=False)),
+    'no-clipping':  (lambda ps: ADOPT(ps, lr=LR, clip_exp=None, eps=1e-3),
+                     lambda ps: pytorch_optimizer.ADOPT(_groups(ps), clip_lambda=None, eps=1e-3, foreach=False)),
+}
+
+@pytest.mark.parametrize('execution', EXECUTIONS)
+@pytest.mark.parametrize('case', list(ADOPT_CASES))
+def test_adopt_matches_reference(case, execution):
+    compare(*ADOPT_CASES[case], execution)
+
+def test_adopt_first_step_moves_nothing():
+    p = torch.ones(3); p.grad = torch.tensor([1., -2., 3.])
+    opt = ADOPT([p], lr=0.1, wd=0.1)
+    opt.step()
+    assert torch.allclose(p, torch.full((3,), 1 - 0.1*0.1))   # weight decay only, as in the reference
