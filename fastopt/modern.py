@@ -17,7 +17,7 @@ from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, ste
 # %% auto #0
 __all__ = ['positive', 'open_unit_interval', 'step_count', 'non_negative_or_none', 'lion_step', 'lion_average', 'Lion',
            'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan', 'adopt_average', 'adopt_step',
-           'adopt_sqr_average', 'ADOPT']
+           'adopt_sqr_average', 'ADOPT', 'ademamix_schedules', 'slow_average', 'ademamix_step', 'AdEMAMix']
 
 # %% ../nbs/13_modern.ipynb #d9cf2c29
 def _number(name, v) -> float:
@@ -216,3 +216,80 @@ def ADOPT(
     "ADOPT: Adam that normalises by the previous second moment, before the momentum"
     cbs = _decay(decouple_wd) + [step_stat, adopt_average, adopt_step, adopt_sqr_average]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, clip_exp=clip_exp, wd=wd)
+
+# %% ../nbs/13_modern.ipynb #e3c98d7b
+def ademamix_schedules(
+    mom:float, # β1
+    slow_mom:float, # β3
+    alpha:float, # Weight of the slow average
+    warmup:int, # Steps of warm-up (0: none)
+    step:int # Steps taken
+) -> tuple[float, float]:
+    "AdEMAMix's `(alpha, slow_mom)` at `step`: α grows linearly, and β3's half-life linearly from β1's to β3's"
+    if not warmup: return alpha, slow_mom
+    s = step/warmup
+    if mom == 0: b3 = slow_mom**(1/s) if s > 0 else 0.   # the limit of the formula as β1 -> 0
+    else:
+        lb1, lb3 = math.log(mom), math.log(slow_mom)
+        b3 = math.exp(lb1*lb3/((1-s)*lb3 + s*lb1))
+    return min(step*alpha/warmup, alpha), min(b3, slow_mom)
+
+def slow_average(
+    p:Tensor, # Parameter whose gradient is averaged
+    mom:float, # β1 (the start of β3's warm-up)
+    slow_mom:float, # Momentum of the slow average, β3
+    alpha:float, # Weight of the slow average
+    warmup:int, # Steps of α and β3's warm-up (0: none)
+    step:int, # Steps taken, from `step_stat`
+    slow_avg:Tensor|None=None, # The slow average so far
+    **kwargs
+) -> dict:
+    "AdEMAMix's slow moving average of the gradients, `slow_avg`"
+    _, b3 = ademamix_schedules(mom, slow_mom, alpha, warmup, step)
+    if slow_avg is None: slow_avg = torch.zeros_like(p.grad.data)
+    return {'slow_avg': slow_avg.lerp_(p.grad.data, 1-b3)}
+
+slow_average.defaults = dict(slow_mom=0.9999, alpha=5., warmup=0)
+slow_average.hyper_checks = dict(slow_mom=unit_interval, alpha=non_negative, warmup=step_count)
+
+def ademamix_step(
+    p:Tensor, # Parameter to update
+    lr:float, # Learning rate
+    mom:float, # Momentum of the fast average, β1
+    sqr_mom:float, # Momentum of the squared-gradient average, β2
+    slow_mom:float, # Momentum of the slow average, β3
+    alpha:float, # Weight of the slow average
+    warmup:int, # Steps of α and β3's warm-up (0: none)
+    step:int, # Steps taken, from `step_stat`
+    grad_avg:Tensor, # Dampened fast average, from `average_grad`
+    sqr_avg:Tensor, # Squared-gradient average, from `average_sqr_grad`
+    slow_avg:Tensor, # Slow average, from `slow_average`
+    eps:float, # Added to the denominator for numerical stability
+    **kwargs
+):
+    "Step for AdEMAMix with `lr` on `p`"
+    a, _ = ademamix_schedules(mom, slow_mom, alpha, warmup, step)
+    denom = sqr_avg.sqrt()/(1 - sqr_mom**step)**0.5 + eps
+    p.data.addcdiv_(grad_avg/(1 - mom**step) + slow_avg*a, denom, value=-lr)
+
+ademamix_step.defaults = dict(eps=1e-8)
+ademamix_step.hyper_checks = slow_average.hyper_checks
+
+# %% ../nbs/13_modern.ipynb #be5bee72
+def AdEMAMix(
+    params:Tensor|Iterable, # Model parameters, or groups of them
+    lr:float|slice, # Learning rate
+    mom:float=0.9, # Momentum of the fast gradient average, β1
+    sqr_mom:float=0.999, # Momentum of the squared-gradient average, β2
+    slow_mom:float=0.9999, # Momentum of the slow gradient average, β3
+    alpha:float=5., # Weight of the slow average
+    warmup:int=0, # Steps over which α and β3 are warmed up (0: none; the paper uses the length of training)
+    eps:float=1e-8, # Added to the denominator for numerical stability
+    wd:float=0., # Weight decay (true or L2)
+    decouple_wd:bool=True # True weight decay, or L2 regularization
+) -> Optimizer:
+    "AdEMAMix: Adam with a mixture of a fast and a slow gradient average"
+    cbs = _decay(decouple_wd) + [partial(average_grad, dampening=True), average_sqr_grad, step_stat, slow_average,
+                                 ademamix_step]
+    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, slow_mom=slow_mom, alpha=alpha, warmup=warmup,
+                     eps=eps, wd=wd)

@@ -11,6 +11,7 @@ with `execution='per_param'` and with `execution='fused'` (strict: it raises rat
 | Adan(..., proximal_wd=False)                     | pytorch_optimizer.Adan(..., weight_decouple=True)             |
 | ADOPT(lr, mom, sqr_mom, eps, wd[, decouple_wd])  | pytorch_optimizer.ADOPT(lr, betas, eps, weight_decay, weight_decouple) |
 | ADOPT(..., clip_exp=None)                        | pytorch_optimizer.ADOPT(..., clip_lambda=None)                |
+| AdEMAMix(lr, mom, sqr_mom, slow_mom, alpha, warmup, eps, wd[, decouple_wd]) | pytorch_optimizer.AdEMAMix(lr, betas=(mom, sqr_mom, slow_mom), alpha, t_alpha_beta3=warmup or None, eps, weight_decay, weight_decouple) |
 
 Each deliberate difference from a reference is a `test_fix_*` or `test_differs_*` test saying why.
 """
@@ -118,3 +119,28 @@ def test_adopt_first_step_moves_nothing():
     opt = ADOPT([p], lr=0.1, wd=0.1)
     opt.step()
     assert torch.allclose(p, torch.full((3,), 1 - 0.1*0.1))   # weight decay only, as in the reference
+
+# ------------------------------------------------------------------------------------------------------ AdEMAMix
+ADEMAMIX = {
+    'defaults':     (lambda ps: AdEMAMix(ps, lr=LR),
+                     lambda ps: pytorch_optimizer.AdEMAMix(_groups(ps), betas=(0.9, 0.999, 0.9999), alpha=5., eps=1e-8,
+                                                           foreach=False)),
+    'warmup-true-wd': (lambda ps: AdEMAMix(ps, lr=LR, slow_mom=0.999, alpha=8., warmup=60, wd=0.1),
+                     lambda ps: pytorch_optimizer.AdEMAMix(_groups(ps), betas=(0.9, 0.999, 0.999), alpha=8.,
+                                                           t_alpha_beta3=60, weight_decay=0.1, weight_decouple=True,
+                                                           foreach=True)),
+    'L2':           (lambda ps: AdEMAMix(ps, lr=LR, mom=0.8, sqr_mom=0.99, warmup=200, wd=0.05, decouple_wd=False),
+                     lambda ps: pytorch_optimizer.AdEMAMix(_groups(ps), betas=(0.8, 0.99, 0.9999), t_alpha_beta3=200,
+                                                           weight_decay=0.05, foreach=False)),
+}
+
+@pytest.mark.parametrize('execution', EXECUTIONS)
+@pytest.mark.parametrize('case', list(ADEMAMIX))
+def test_ademamix_matches_reference(case, execution):
+    compare(*ADEMAMIX[case], execution)
+
+def test_differs_ademamix_default_weight_decay_is_true_weight_decay():
+    "pytorch-optimizer's AdEMAMix decays by L2 unless asked; fastopt (like fastai and the paper) by true weight decay"
+    assert pytorch_optimizer.AdEMAMix([torch.zeros(2)]).defaults['weight_decouple'] is False
+    opt = AdEMAMix([torch.zeros(2)], lr=1e-3, wd=0.1)
+    assert opt.cbs[0] is fastopt.weight_decay
