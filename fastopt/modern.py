@@ -17,7 +17,9 @@ from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, ste
 # %% auto #0
 __all__ = ['positive', 'open_unit_interval', 'step_count', 'non_negative_or_none', 'lion_step', 'lion_average', 'Lion',
            'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan', 'adopt_average', 'adopt_step',
-           'adopt_sqr_average', 'ADOPT', 'ademamix_schedules', 'slow_average', 'ademamix_step', 'AdEMAMix']
+           'adopt_sqr_average', 'ADOPT', 'ademamix_schedules', 'slow_average', 'ademamix_step', 'AdEMAMix',
+           'stable_adamw_step', 'StableAdamW', 'UpdateOf', 'WithGrad', 'Modifier', 'cautious', 'clip_grad_norm',
+           'clip_update_rms']
 
 # %% ../nbs/13_modern.ipynb #d9cf2c29
 def _number(name, v) -> float:
@@ -293,3 +295,104 @@ def AdEMAMix(
                                  ademamix_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, slow_mom=slow_mom, alpha=alpha, warmup=warmup,
                      eps=eps, wd=wd)
+
+# %% ../nbs/13_modern.ipynb #000e2d70
+def stable_adamw_step(
+    p:Tensor, # Parameter to update
+    lr:float, # Learning rate
+    mom:float, # Momentum of the gradient average, β1
+    sqr_mom:float, # Momentum of the squared-gradient average, β2
+    step:int, # Steps taken, from `step_stat`
+    grad_avg:Tensor, # Dampened gradient average, from `average_grad`
+    sqr_avg:Tensor, # Squared-gradient average, from `average_sqr_grad`
+    eps:float, # Added to the denominator; its square bounds the second moment in the RMS
+    wd:float, # True weight decay, at the clipped learning rate
+    do_wd:bool=True, # False (in the state) exempts this parameter from weight decay
+    **kwargs
+):
+    "Step for StableAdamW: AdamW whose learning rate is divided, per tensor, by the RMS of $g/\\sqrt{\\hat v}$ when above 1"
+    g, v = p.grad.data, sqr_avg/(1 - sqr_mom**step)
+    rms = (g*g/v.clamp(min=eps*eps)).mean().sqrt()
+    lr_t = lr/rms.clamp(min=1.)
+    if do_wd and wd != 0: p.data.mul_(1 - lr_t*wd)
+    p.data.sub_(grad_avg/(v.sqrt() + eps) * (lr_t/(1 - mom**step)))
+
+stable_adamw_step.defaults = dict(eps=1e-6, wd=0.01)
+
+# %% ../nbs/13_modern.ipynb #2b3b3a5c
+def StableAdamW(
+    params:Tensor|Iterable, # Model parameters, or groups of them
+    lr:float|slice, # Learning rate
+    mom:float=0.9, # Momentum of the gradient average, β1
+    sqr_mom:float=0.99, # Momentum of the squared-gradient average, β2
+    eps:float=1e-6, # Added to the denominator for numerical stability
+    wd:float=0.01 # True weight decay (at the clipped learning rate)
+) -> Optimizer:
+    "StableAdamW: AdamW with per-tensor update clipping"
+    cbs = [partial(average_grad, dampening=True), average_sqr_grad, step_stat, stable_adamw_step]
+    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+
+# %% ../nbs/13_modern.ipynb #a661895e
+class UpdateOf:
+    "The stand-in an update modifier gives a stepper: `data` starts at zero and collects the update, `grad` is `p`'s"
+    def __init__(self, p:Tensor): self.data, self.grad = torch.zeros_like(p), p.grad
+
+class WithGrad:
+    "The stand-in a gradient modifier gives callbacks: `p`'s own `data`, and `grad` in place of `p`'s gradient"
+    def __init__(self, p:Tensor, grad:Tensor): self.data, self.grad = p.data, grad
+
+def _own(cb, attr:str) -> dict:
+    "The `defaults` or `hyper_checks` of callback `cb` (looking through `functools.partial`)"
+    while isinstance(cb, functools.partial) and not hasattr(cb, attr): cb = cb.func
+    return dict(getattr(cb, attr, None) or {})
+
+class Modifier:
+    "A callback made of callbacks `cbs`: their hyper-parameters, checks and names, with the modifier's own"
+    own_defaults, own_checks = {}, {}
+    def __init__(self, *cbs):
+        if not cbs or not all(callable(c) for c in cbs): raise TypeError(f"{type(self).__name__} wraps callbacks, got {cbs!r}")
+        self.cbs = cbs
+        self.defaults = {k: v for c in cbs for k,v in _own(c, 'defaults').items()} | self.own_defaults
+        self.hyper_checks = {k: v for c in cbs for k,v in _own(c, 'hyper_checks').items()} | self.own_checks
+        self.__qualname__ = f"{type(self).__name__}({', '.join(callback_name(c) for c in cbs)})"
+    def __repr__(self): return self.__qualname__
+
+    def update(self, p:Tensor, **kwargs) -> tuple[Tensor, dict|None]:
+        "Run the wrapped stepper on an `UpdateOf` `p`: the update it would apply, and the state it returns"
+        u = UpdateOf(p)
+        return u.data, self.cbs[0](u, **kwargs)
+
+# %% ../nbs/13_modern.ipynb #ffdf370d
+class cautious(Modifier):
+    "`stepper`, cautious: only the part of its update whose sign agrees with the gradient, rescaled"
+    def __init__(self, stepper:Callable): super().__init__(stepper)
+    def __call__(self, p, **kwargs):
+        upd, res = self.update(p, **kwargs)
+        g = p.grad.data
+        mask = torch.where(upd*g < 0, torch.ones_like(g), torch.zeros_like(g))   # moving by -u: u agrees with g
+        p.data.add_(upd*mask*(mask.numel()/(mask.sum() + 1)))
+        return res
+
+# %% ../nbs/13_modern.ipynb #2236da1d
+class clip_grad_norm(Modifier):
+    "Run callbacks `cbs` on each tensor's gradient scaled to a norm of at most `max_grad_norm`"
+    own_defaults, own_checks = dict(max_grad_norm=1.), dict(max_grad_norm=positive)
+    def __call__(self, p, max_grad_norm, **kwargs):
+        g = p.grad.data
+        view = WithGrad(p, g*(max_grad_norm/(g.norm() + 1e-6)).clamp(max=1.))
+        state = {}
+        for cb in self.cbs:
+            new = cb(view, max_grad_norm=max_grad_norm, **{**kwargs, **state})
+            if isinstance(new, dict): state.update(new)
+        return state
+
+# %% ../nbs/13_modern.ipynb #6f2217df
+class clip_update_rms(Modifier):
+    "`stepper` with each tensor's update $u$ scaled down so that its RMS is at most `max_update_rms`"
+    own_defaults, own_checks = dict(max_update_rms=1.), dict(max_update_rms=positive)
+    def __init__(self, stepper:Callable): super().__init__(stepper)
+    def __call__(self, p, lr, max_update_rms, **kwargs):
+        upd, res = self.update(p, lr=lr, max_update_rms=max_update_rms, **kwargs)
+        rms, bound = (upd*upd).mean().sqrt(), lr*max_update_rms   # the update is -lr*u
+        p.data.add_(upd*torch.where(rms > bound, bound/rms, 1.))
+        return res
