@@ -19,7 +19,8 @@ __all__ = ['positive', 'open_unit_interval', 'step_count', 'non_negative_or_none
            'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan', 'adopt_average', 'adopt_step',
            'adopt_sqr_average', 'ADOPT', 'ademamix_schedules', 'slow_average', 'ademamix_step', 'AdEMAMix',
            'stable_adamw_step', 'StableAdamW', 'UpdateOf', 'WithGrad', 'Modifier', 'cautious', 'clip_grad_norm',
-           'clip_update_rms']
+           'clip_update_rms', 'schedule_free_weights', 'schedule_free_adamw_step', 'schedule_free_sgd_step',
+           'ScheduleFreeOptimizer', 'ScheduleFreeAdamW', 'ScheduleFreeSGD']
 
 # %% ../nbs/13_modern.ipynb #d9cf2c29
 def _number(name, v) -> float:
@@ -396,3 +397,192 @@ class clip_update_rms(Modifier):
         rms, bound = (upd*upd).mean().sqrt(), lr*max_update_rms   # the update is -lr*u
         p.data.add_(upd*torch.where(rms > bound, bound/rms, 1.))
         return res
+
+# %% ../nbs/13_modern.ipynb #99310830
+def schedule_free_weights(
+    p:Tensor, # Parameter being stepped
+    lr:float, # Learning rate
+    step:int, # Steps taken, from `step_stat`
+    warmup:int, # Steps of linear learning-rate warm-up
+    r:float, # Power of the step in the averaging weights
+    weight_lr_power:float, # Power of the largest learning rate so far in the averaging weights
+    lr_max:float=-1., # The largest warmed-up learning rate so far (from the state)
+    weight_sum:float=0., # The sum of the averaging weights so far (from the state)
+    **kwargs
+) -> dict:
+    "Schedule-Free's warmed-up rate `sched_lr` and averaging weight `ckp1`, with the running `lr_max` and `weight_sum`"
+    sched_lr = lr*(step/warmup) if step <= warmup else lr
+    lr_max = max(sched_lr, lr_max)
+    weight = step**r * lr_max**weight_lr_power
+    weight_sum = weight_sum + weight
+    return dict(sched_lr=sched_lr, lr_max=lr_max, weight_sum=weight_sum, ckp1=weight/weight_sum if weight_sum else 0.)
+
+schedule_free_weights.defaults = dict(warmup=0, r=0., weight_lr_power=2.)
+schedule_free_weights.hyper_checks = dict(warmup=step_count, r=non_negative, weight_lr_power=non_negative,
+                                          mom=open_unit_interval)
+
+def _schedule_free_update(p:Tensor, d:Tensor, z:Tensor|None, sched_lr:float, ckp1:float, mom:float) -> dict:
+    "Move $y$ (in `p`) and $z$ along direction `d`; the state holding $z$"
+    if z is None: z = p.data.clone()
+    p.data.lerp_(z, ckp1).add_(d, alpha=sched_lr*(mom*(1 - ckp1) - 1))
+    return {'z': z.sub_(d, alpha=sched_lr)}
+
+def schedule_free_adamw_step(
+    p:Tensor, # Parameter to update: it holds y
+    sched_lr:float, # Warmed-up learning rate, from `schedule_free_weights`
+    ckp1:float, # Averaging weight of this step, from `schedule_free_weights`
+    mom:float, # Interpolation β between the average x and the base iterate z
+    sqr_mom:float, # Momentum of the squared-gradient average, β2
+    step:int, # Steps taken, from `step_stat`
+    sqr_avg:Tensor, # Squared-gradient average, from `average_sqr_grad`
+    eps:float, # Added to the denominator for numerical stability
+    wd:float, # Weight decay, added to the step as `wd*y`
+    do_wd:bool=True, # False (in the state) exempts this parameter from weight decay
+    z:Tensor|None=None, # The base iterate (from the state; starts at the parameter)
+    **kwargs
+) -> dict:
+    "Step for Schedule-Free AdamW: an Adam step without momentum for z, and y and x follow"
+    d = p.grad.data/((sqr_avg/(1 - sqr_mom**step)).sqrt() + eps)
+    if do_wd and wd != 0: d = d + p.data*wd
+    return _schedule_free_update(p, d, z, sched_lr, ckp1, mom)
+
+schedule_free_adamw_step.defaults = dict(mom=0.9, eps=1e-8, wd=0.)
+schedule_free_adamw_step.hyper_checks = dict(mom=open_unit_interval)
+
+def schedule_free_sgd_step(
+    p:Tensor, # Parameter to update: it holds y
+    sched_lr:float, # Warmed-up learning rate, from `schedule_free_weights`
+    ckp1:float, # Averaging weight of this step, from `schedule_free_weights`
+    mom:float, # Interpolation β between the average x and the base iterate z
+    wd:float, # Weight decay, added to the gradient as `wd*y`
+    do_wd:bool=True, # False (in the state) exempts this parameter from weight decay
+    z:Tensor|None=None, # The base iterate (from the state; starts at the parameter)
+    **kwargs
+) -> dict:
+    "Step for Schedule-Free SGD: an SGD step for z, and y and x follow"
+    d = p.grad.data + p.data*wd if do_wd and wd != 0 else p.grad.data
+    return _schedule_free_update(p, d, z, sched_lr, ckp1, mom)
+
+schedule_free_sgd_step.defaults = dict(mom=0.9, wd=0.)
+schedule_free_sgd_step.hyper_checks = dict(mom=open_unit_interval)
+
+# %% ../nbs/13_modern.ipynb #8ba81af7
+class ScheduleFreeOptimizer(Optimizer):
+    "An `Optimizer` for Schedule-Free steppers: `train()` and `eval()` switch the parameters between y and x"
+    def __init__(self, params, cbs, **defaults):
+        super().__init__(params, cbs, **defaults)
+        self.training = True
+
+    @torch.no_grad()
+    def eval(self):
+        "Put the average x in the parameters, keeping the training point y in the state (nothing if already in eval)"
+        if not self.training: return self
+        for g in self.param_groups:
+            for p in g['params']:
+                s = self.state.get(p, {})
+                if 'z' not in s: continue
+                s['y'] = p.detach().clone()
+                p.lerp_(s['z'], 1 - 1/g['mom'])   # x = (y - (1-β) z)/β
+        self.training = False
+        return self
+
+    @torch.no_grad()
+    def train(self):
+        "Put the training point y back in the parameters (nothing if already in train mode)"
+        if self.training: return self
+        for p, s in self.state.items():
+            if 'y' in s: p.copy_(s.pop('y'))
+        self.training = True
+        return self
+
+    def step(self, closure=None):
+        "A Schedule-Free step; only in train mode"
+        if not self.training:
+            raise RuntimeError("a Schedule-Free optimizer is in eval mode (its parameters hold the average x): "
+                               "call train() before step()")
+        return super().step(closure)
+
+    def state_dict(self) -> dict:
+        "The state dict of an `Optimizer`, with the mode (and, in eval mode, the training points y in the state)"
+        return {**super().state_dict(), 'training': self.training}
+
+    def load_state_dict(self, state_dict:dict):
+        "Load a state dict saved in either mode; the optimizer takes the saved mode"
+        if 'training' not in state_dict:
+            raise ValueError("state dict has no 'training' mode: it was not saved by a ScheduleFreeOptimizer")
+        training = state_dict['training']
+        if not isinstance(training, bool): raise ValueError(f"state dict has an invalid 'training' mode: {training!r}")
+        super().load_state_dict({k: v for k,v in state_dict.items() if k != 'training'})
+        self.training = training
+
+    def clear_state(self):
+        "Reset the state (in train mode first, so that the parameters keep their training point)"
+        self.train()
+        super().clear_state()
+
+    def evaluating(self):
+        "Context manager: the parameters hold x inside the block, and the mode before it after"
+        return _Evaluating(self)
+
+class _Evaluating:
+    def __init__(self, opt): self.opt = opt
+    def __enter__(self):
+        self.was_training = self.opt.training
+        return self.opt.eval()
+    def __exit__(self, *exc):
+        if self.was_training: self.opt.train()
+
+# %% ../nbs/13_modern.ipynb #cf65f3b4
+def ScheduleFreeAdamW(
+    params:Tensor|Iterable, # Model parameters, or groups of them
+    lr:float|slice=0.0025, # Learning rate γ (constant: no schedule)
+    mom:float=0.9, # Interpolation β between the average x and the base iterate z
+    sqr_mom:float=0.999, # Momentum of the squared-gradient average, β2
+    eps:float=1e-8, # Added to the denominator for numerical stability
+    wd:float=0., # Weight decay (added to the step as `wd*y`)
+    warmup:int=0, # Steps of linear learning-rate warm-up
+    r:float=0., # Power of the step in the averaging weights
+    weight_lr_power:float=2. # Power of the largest learning rate so far in the averaging weights
+) -> ScheduleFreeOptimizer:
+    "Schedule-Free AdamW: call `train()`/`eval()` to train at y and evaluate at x"
+    cbs = [step_stat, schedule_free_weights, average_sqr_grad, schedule_free_adamw_step]
+    return ScheduleFreeOptimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, warmup=warmup, r=r,
+                                 weight_lr_power=weight_lr_power)
+
+def ScheduleFreeSGD(
+    params:Tensor|Iterable, # Model parameters, or groups of them
+    lr:float|slice=1., # Learning rate γ (constant: no schedule)
+    mom:float=0.9, # Interpolation β between the average x and the base iterate z
+    wd:float=0., # Weight decay (added to the gradient as `wd*y`)
+    warmup:int=0, # Steps of linear learning-rate warm-up
+    r:float=0., # Power of the step in the averaging weights
+    weight_lr_power:float=2. # Power of the largest learning rate so far in the averaging weights
+) -> ScheduleFreeOptimizer:
+    "Schedule-Free SGD: call `train()`/`eval()` to train at y and evaluate at x"
+    cbs = [step_stat, schedule_free_weights, schedule_free_sgd_step]
+    return ScheduleFreeOptimizer(params, cbs, lr=lr, mom=mom, wd=wd, warmup=warmup, r=r, weight_lr_power=weight_lr_power)
+
+# %% ../nbs/13_modern.ipynb #ea39cb18
+@functools.cache
+def _schedule_free_eval_class():
+    "The fastai callback class, created on first use so that fastopt does not need fastai"
+    from fastai.callback.core import Callback
+    class ScheduleFreeEval(Callback):
+        "Train a Schedule-Free optimizer at y, validate at x, and leave the model at x after fitting"
+        order = 0
+        def before_fit(self): self._mode(True)
+        def before_validate(self):
+            self.was_training = getattr(self.learn.opt, 'training', True)   # fastopt's; the package's always trains here
+            self._mode(False)
+        def after_validate(self): self._mode(getattr(self, 'was_training', True))
+        def after_fit(self): self._mode(False)
+        def _mode(self, training:bool):
+            opt = self.learn.opt   # any optimizer with train() and eval(), the schedulefree package's too
+            if callable(getattr(opt, 'train', None)) and callable(getattr(opt, 'eval', None)):
+                opt.train() if training else opt.eval()
+    ScheduleFreeEval.__module__, ScheduleFreeEval.__qualname__ = __name__, 'ScheduleFreeEval'   # so that it pickles
+    return ScheduleFreeEval
+
+def __getattr__(name):
+    if name == 'ScheduleFreeEval': return _schedule_free_eval_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,8 @@ with `execution='per_param'` and with `execution='fused'` (strict: it raises rat
 | Lion / ADOPT callbacks with cautious(stepper)   | pytorch_optimizer.Lion / ADOPT(..., cautious=True)            |
 | clip_grad_norm(*AdamW's callbacks)               | torch.nn.utils.clip_grad_norm_ on each tensor, then torch.optim.AdamW |
 | clip_update_rms(adam_step)                       | a hand-written AdamW with Adafactor's update clipping, below  |
+| ScheduleFreeAdamW(lr, mom, sqr_mom, eps, wd, warmup, r, weight_lr_power) | schedulefree.AdamWScheduleFree(lr, betas=(mom, sqr_mom), eps, weight_decay=wd, warmup_steps=warmup, r, weight_lr_power), and its Reference variant |
+| ScheduleFreeSGD(lr, mom, wd, warmup, r, weight_lr_power) | schedulefree.SGDScheduleFree(lr, momentum=mom, ...), and its Reference variant |
 
 Each deliberate difference from a reference is a `test_fix_*` or `test_differs_*` test saying why.
 """
@@ -291,3 +293,179 @@ def test_clip_update_rms_matches_hand_written_reference(execution):
     cbs = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, clip_update_rms(adam_step)]
     opt, a, b = compare(lambda ps: fastopt.Optimizer(ps, cbs, lr=LR, sqr_mom=0.999, eps=1e-8, wd=0.01, max_update_rms=0.5),
                         lambda ps: UpdateClippedAdamW(ps, LRS), execution)
+
+# ------------------------------------------------------------------------------------------------- Schedule-Free
+import subprocess, sys, textwrap
+from pathlib import Path
+import schedulefree
+
+def _sf_ref(cls, ps, **kw):
+    opt = cls(_groups(ps), **kw)
+    opt.train()   # the package starts in eval mode
+    return opt
+
+SCHEDULE_FREE = {
+    'AdamW':            (lambda ps: ScheduleFreeAdamW(ps, lr=LR),
+                         lambda ps: _sf_ref(schedulefree.AdamWScheduleFree, ps, foreach=False)),
+    'AdamW-foreach-wd-warmup': (lambda ps: ScheduleFreeAdamW(ps, lr=LR, mom=0.95, sqr_mom=0.99, wd=0.1, warmup=40, r=0.5),
+                         lambda ps: _sf_ref(schedulefree.AdamWScheduleFree, ps, betas=(0.95, 0.99), weight_decay=0.1,
+                                            warmup_steps=40, r=0.5, foreach=True)),
+    'AdamW-reference-variant': (lambda ps: ScheduleFreeAdamW(ps, lr=LR, wd=0.05, warmup=20, weight_lr_power=1.),
+                         lambda ps: _sf_ref(schedulefree.AdamWScheduleFreeReference, ps, weight_decay=0.05,
+                                            warmup_steps=20, weight_lr_power=1.)),
+    'SGD':              (lambda ps: ScheduleFreeSGD(ps, lr=LR),
+                         lambda ps: _sf_ref(schedulefree.SGDScheduleFree, ps, foreach=False)),
+    'SGD-foreach-wd-warmup': (lambda ps: ScheduleFreeSGD(ps, lr=LR, mom=0.8, wd=0.1, warmup=30),
+                         lambda ps: _sf_ref(schedulefree.SGDScheduleFree, ps, momentum=0.8, weight_decay=0.1,
+                                            warmup_steps=30, foreach=True)),
+    'SGD-reference-variant': (lambda ps: ScheduleFreeSGD(ps, lr=LR, wd=0.1, warmup=10),
+                         lambda ps: _sf_ref(schedulefree.SGDScheduleFreeReference, ps, weight_decay=0.1, warmup_steps=10)),
+}
+
+@pytest.mark.parametrize('execution', EXECUTIONS)
+@pytest.mark.parametrize('case', list(SCHEDULE_FREE))
+def test_schedule_free_matches_reference_at_train_and_eval_points(case, execution):
+    build_ours, build_ref = SCHEDULE_FREE[case]
+    ours, theirs = make_groups(SHAPES), make_groups(SHAPES)
+    grads = gradient_stream(ours, N_STEPS)
+    opt, ref = build_ours(ours), build_ref(theirs)
+    opt.execution = execution
+    a, b = run(opt, ours, grads), run(ref, theirs, grads)
+    assert relative_error(a, b) < 1e-5   # the training point y
+    opt.eval(); ref.eval()
+    assert relative_error(a, b) < 1e-5   # the evaluation point x
+    if execution == 'fused': assert opt.execution_counts['per_param'] == 0
+
+def test_schedule_free_modes_are_idempotent_and_exact():
+    ps = make_groups(SHAPES)
+    opt = ScheduleFreeAdamW(ps, lr=LR)
+    grads = gradient_stream(ps, 10)
+    run(opt, ps, grads)
+    y = [p.clone() for g in ps for p in g]
+    opt.eval(); x = [p.clone() for g in ps for p in g]
+    opt.eval()
+    assert all(torch.equal(p, q) for p, q in zip([p for g in ps for p in g], x))
+    opt.train(); opt.train()
+    assert all(torch.equal(p, q) for p, q in zip([p for g in ps for p in g], y))   # bit for bit
+    with opt.evaluating():
+        assert not opt.training and all(torch.equal(p, q) for p, q in zip([p for g in ps for p in g], x))
+    assert opt.training
+    opt.eval()
+    with opt.evaluating(): pass
+    assert not opt.training   # the context manager returns to the mode it found
+    with pytest.raises(RuntimeError, match=r"call train\(\) before step\(\)"): opt.step()
+
+def test_fix_schedule_free_evaluation_does_not_disturb_training():
+    "The package returns from x to y by the inverse interpolation, which rounds; fastopt restores y exactly"
+    ps, qs = make_groups(SHAPES), make_groups(SHAPES)
+    grads = gradient_stream(ps, 40)
+    a, b = ScheduleFreeAdamW(ps, lr=LR), ScheduleFreeAdamW(qs, lr=LR)
+    flat_p, flat_q = [p for g in ps for p in g], [p for g in qs for p in g]
+    for i, step in enumerate(grads):
+        for p, q, g in zip(flat_p, flat_q, step): p.grad, q.grad = g.clone(), g.clone()
+        a.step(); b.step()
+        if i % 5 == 4: a.eval(); a.train()   # evaluated now and then
+    assert all(torch.equal(p, q) for p, q in zip(flat_p, flat_q))
+    ref_ps = make_groups(SHAPES)
+    ref = schedulefree.AdamWScheduleFree([p for g in ref_ps for p in g], lr=0.1, foreach=False)
+    ref.train()
+    run(ref, ref_ps, gradient_stream(ref_ps, 30))
+    y = [p.clone() for g in ref_ps for p in g]
+    ref.eval(); ref.train()
+    assert any(not torch.equal(p, q) for p, q in zip([p for g in ref_ps for p in g], y))   # the package's round trip rounds
+
+def test_differs_schedule_free_starts_in_train_mode():
+    "The package starts in eval mode and raises at the first step until train() is called; fastopt starts training"
+    p = torch.zeros(3); p.grad = torch.ones(3)
+    opt = ScheduleFreeSGD([p], lr=0.1)
+    assert opt.training
+    opt.step()
+    ref = schedulefree.SGDScheduleFree([torch.zeros(3)], lr=0.1)
+    assert ref.param_groups[0]['train_mode'] is False
+
+RESUME_WORKER = textwrap.dedent('''
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from helpers import make_groups, gradient_stream
+    from fastopt.modern import ScheduleFreeAdamW
+    SHAPES, ckpt, out, first, total, execution = eval(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+    ps = make_groups(SHAPES, seed=123)   # other weights: all of them must come from the checkpoint
+    opt = ScheduleFreeAdamW(ps, lr=[1e-3, 3e-3, 1e-2], wd=0.01, warmup=5)
+    opt.execution = execution
+    saved = torch.load(ckpt, weights_only=True)
+    flat = [p for g in ps for p in g]
+    with torch.no_grad():
+        for p, s in zip(flat, saved['params']): p.copy_(s)
+    opt.load_state_dict(saved['opt'])
+    opt.train()
+    grads = gradient_stream(make_groups(SHAPES), total)[first:]
+    for step in grads:
+        for p, g in zip(flat, step): p.grad = g
+        opt.step()
+    y = [p.clone() for p in flat]
+    opt.eval()
+    torch.save({'y': y, 'x': [p.clone() for p in flat]}, out)
+''')
+
+@pytest.mark.parametrize('execution', EXECUTIONS)
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_schedule_free_resumes_bit_exactly_in_a_fresh_process(mode, execution, tmp_path):
+    first, total = 20, 35
+    ps = make_groups(SHAPES)
+    grads = gradient_stream(ps, total)
+    opt = ScheduleFreeAdamW(ps, lr=[1e-3, 3e-3, 1e-2], wd=0.01, warmup=5)
+    opt.execution = execution
+    flat = [p for g in ps for p in g]
+    run(opt, ps, grads[:first])
+    if mode == 'eval': opt.eval()
+    torch.save({'params': [p.detach().clone() for p in flat], 'opt': opt.state_dict()}, tmp_path/'ckpt.pt')
+    opt.train()   # the uninterrupted run goes on
+    run(opt, ps, grads[first:])
+    y = [p.clone() for p in flat]
+    opt.eval()
+    x = [p.clone() for p in flat]
+    tests_dir = str(Path(__file__).parent)
+    res = subprocess.run([sys.executable, '-c', RESUME_WORKER, tests_dir, repr(SHAPES), str(tmp_path/'ckpt.pt'),
+                          str(tmp_path/'out.pt'), str(first), str(total), execution],
+                         capture_output=True, text=True, env={**__import__('os').environ,
+                                                              'PYTHONPATH': str(Path(tests_dir).parent)})
+    assert res.returncode == 0, res.stderr
+    resumed = torch.load(tmp_path/'out.pt', weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(resumed['y'], y))
+    assert all(torch.equal(a, b) for a, b in zip(resumed['x'], x))
+
+def test_schedule_free_state_dict_checks_its_mode():
+    opt = ScheduleFreeSGD([torch.zeros(2)], lr=0.1)
+    sd = opt.state_dict()
+    assert sd['training'] is True
+    with pytest.raises(ValueError, match="no 'training' mode"):
+        opt.load_state_dict({k: v for k, v in sd.items() if k != 'training'})
+    with pytest.raises(ValueError, match="invalid 'training' mode"): opt.load_state_dict({**sd, 'training': 'yes'})
+
+def test_schedule_free_fastai_callback_validates_at_x():
+    import warnings
+    from torch import nn
+    from fastai.basics import Learner, DataLoaders, MSELossFlat
+    import fastai.callback.schedule, pickle
+    import fastopt.modern
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(128, 6, generator=gen); ys = xs @ torch.randn(6, 1, generator=gen)
+    dls = DataLoaders.from_dsets(list(zip(xs[:96], ys[:96])), list(zip(xs[96:], ys[96:])), bs=32, device='cpu')
+    seen = []
+    cb = fastopt.modern.ScheduleFreeEval()
+    class Spy(fastai.callback.core.Callback):
+        order = 10
+        def before_validate(self): seen.append(('validate', self.learn.opt.training))
+        def before_batch(self):
+            if self.learn.training: seen.append(('train', self.learn.opt.training))
+    learn = Learner(dls, nn.Linear(6, 1), loss_func=MSELossFlat(), opt_func=ScheduleFreeAdamW, cbs=[cb, Spy()])
+    with warnings.catch_warnings(), learn.no_bar(), learn.no_logging():
+        warnings.simplefilter('ignore')
+        learn.fit(2, 0.1)
+        assert {s for s in seen if s[0] == 'validate'} == {('validate', False)}
+        assert {s for s in seen if s[0] == 'train'} == {('train', True)}
+        assert learn.opt.training is False   # after fitting, the model holds x
+        x = [p.clone() for p in learn.model.parameters()]
+        learn.validate()
+        assert learn.opt.training is False and all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), x))
+    assert type(pickle.loads(pickle.dumps(fastopt.modern.ScheduleFreeEval()))).__name__ == 'ScheduleFreeEval'
