@@ -469,3 +469,44 @@ def test_schedule_free_fastai_callback_validates_at_x():
         learn.validate()
         assert learn.opt.training is False and all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), x))
     assert type(pickle.loads(pickle.dumps(fastopt.modern.ScheduleFreeEval()))).__name__ == 'ScheduleFreeEval'
+
+# ------------------------------------------------------------------------------------------- Bad hyper-parameters
+import fastopt.optimizer
+
+def _w(): return [torch.zeros(3, requires_grad=True)]
+BAD = {   # factory, bad hyper-parameters, the callback whose hyper_checks catch them, the error
+    'Lion-mom':          (lambda **kw: Lion(_w(), lr=1e-4, **kw), dict(mom=1.), None, "invalid 'mom'"),
+    'Adan-diff_mom':     (lambda **kw: Adan(_w(), lr=1e-3, **kw), dict(diff_mom=1.5), adan_average, "invalid 'diff_mom'"),
+    'ADOPT-clip_exp':    (lambda **kw: ADOPT(_w(), lr=1e-3, **kw), dict(clip_exp=-0.25), adopt_average, "invalid 'clip_exp'"),
+    'AdEMAMix-slow_mom': (lambda **kw: AdEMAMix(_w(), lr=1e-3, **kw), dict(slow_mom=1.), slow_average, "invalid 'slow_mom'"),
+    'AdEMAMix-alpha':    (lambda **kw: AdEMAMix(_w(), lr=1e-3, **kw), dict(alpha=-5.), slow_average, "invalid 'alpha'"),
+    'AdEMAMix-warmup':   (lambda **kw: AdEMAMix(_w(), lr=1e-3, **kw), dict(warmup=2.5), slow_average, "whole number of steps"),
+    'SF-SGD-mom':        (lambda **kw: ScheduleFreeSGD(_w(), **kw), dict(mom=0.), schedule_free_sgd_step, r"must be in \(0, 1\)"),
+    'SF-AdamW-r':        (lambda **kw: ScheduleFreeAdamW(_w(), **kw), dict(r=-1.), schedule_free_weights, "invalid 'r'"),
+    'SF-AdamW-warmup':   (lambda **kw: ScheduleFreeAdamW(_w(), **kw), dict(warmup=-1), schedule_free_weights, "whole number of steps"),
+    'clip_grad_norm':    (lambda **kw: fastopt.Optimizer(_w(), [clip_grad_norm(fastopt.sgd_step)], lr=0.1, **kw),
+                          dict(max_grad_norm=0.), clip_grad_norm(fastopt.sgd_step), "must be a finite number > 0"),
+    'clip_update_rms':   (lambda **kw: fastopt.Optimizer(_w(), [clip_update_rms(fastopt.sgd_step)], lr=0.1, **kw),
+                          dict(max_update_rms=float('inf')), clip_update_rms(fastopt.sgd_step), "must be a finite number > 0"),
+}
+
+@pytest.mark.parametrize('case', [k for k, v in BAD.items() if v[2] is not None])
+def test_callbacks_declare_checks_of_their_hyper_parameters(case):
+    _, bad, cb, msg = BAD[case]
+    (name, value), = bad.items()
+    with pytest.raises((ValueError, TypeError), match=msg): cb.hyper_checks[name](name, value)
+
+@pytest.mark.skipif(not hasattr(fastopt.optimizer, 'callback_checks'),
+                    reason="the Optimizer runs callbacks' hyper_checks from main's commit 07722d6 on")
+@pytest.mark.parametrize('case', list(BAD))
+def test_bad_hyper_parameters_fail_when_set(case):
+    make, bad, _, msg = BAD[case]
+    with pytest.raises((ValueError, TypeError), match=msg): make(**bad)
+    opt = make()
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises((ValueError, TypeError), match=msg): opt.set_hypers(**bad)
+    assert [dict(g) for g in opt.param_groups] == before   # nothing changed
+
+def test_modifiers_wrap_callables_only():
+    with pytest.raises(TypeError, match="wraps callbacks"): cautious(None)
+    with pytest.raises(TypeError, match="wraps callbacks"): clip_grad_norm()
