@@ -6,9 +6,10 @@ from .lookahead import *
 from .wrapper import *
 from .distributed import *
 from .modern import *
+from .param_groups import *
 from .fusion import NotTraceable, Sym, cache_dir
-from . import optimizer, callbacks, optimizers, lookahead, wrapper, distributed, modern
+from . import optimizer, callbacks, optimizers, lookahead, wrapper, distributed, modern, param_groups
 
 # The public names: what `from fastopt import *` gives, and what the API reference documents
 __all__ = [*optimizer.__all__, *callbacks.__all__, *optimizers.__all__, *lookahead.__all__, *wrapper.__all__,
-           *distributed.__all__, *modern.__all__, 'NotTraceable', 'Sym', 'cache_dir']
+           *distributed.__all__, *modern.__all__, *param_groups.__all__, 'NotTraceable', 'Sym', 'cache_dir']
