@@ -336,11 +336,16 @@ def StableAdamW(
 # %% ../nbs/13_modern.ipynb #a661895e
 class UpdateOf:
     "The stand-in an update modifier gives a stepper: `data` starts at zero and collects the update, `grad` is `p`'s"
-    def __init__(self, p:Tensor): self.data, self.grad = torch.zeros_like(p), p.grad
+    def __init__(self,
+        p:Tensor # The parameter (or the engine's stand-in for it) whose update is collected
+    ): self.data, self.grad = torch.zeros_like(p), p.grad
 
 class WithGrad:
     "The stand-in a gradient modifier gives callbacks: `p`'s own `data`, and `grad` in place of `p`'s gradient"
-    def __init__(self, p:Tensor, grad:Tensor): self.data, self.grad = p.data, grad
+    def __init__(self,
+        p:Tensor, # The parameter: callbacks update its `data`
+        grad:Tensor # The gradient they see instead of `p.grad`
+    ): self.data, self.grad = p.data, grad
 
 def _own(cb, attr:str) -> dict:
     "The `defaults` or `hyper_checks` of callback `cb` (looking through `functools.partial`)"
@@ -350,7 +355,9 @@ def _own(cb, attr:str) -> dict:
 class Modifier:
     "A callback made of callbacks `cbs`: their hyper-parameters, checks and names, with the modifier's own"
     own_defaults, own_checks = {}, {}
-    def __init__(self, *cbs):
+    def __init__(self,
+        *cbs # The callbacks it wraps
+    ):
         if not cbs or not all(callable(c) for c in cbs): raise TypeError(f"{type(self).__name__} wraps callbacks, got {cbs!r}")
         self.cbs = cbs
         self.defaults = {k: v for c in cbs for k,v in _own(c, 'defaults').items()} | self.own_defaults
@@ -366,7 +373,9 @@ class Modifier:
 # %% ../nbs/13_modern.ipynb #ffdf370d
 class cautious(Modifier):
     "`stepper`, cautious: only the part of its update whose sign agrees with the gradient, rescaled"
-    def __init__(self, stepper:Callable): super().__init__(stepper)
+    def __init__(self,
+        stepper:Callable # The stepper whose update is made cautious; it must not read `p`'s values
+    ): super().__init__(stepper)
     def __call__(self, p, **kwargs):
         upd, res = self.update(p, **kwargs)
         g = p.grad.data
@@ -391,7 +400,9 @@ class clip_grad_norm(Modifier):
 class clip_update_rms(Modifier):
     "`stepper` with each tensor's update $u$ scaled down so that its RMS is at most `max_update_rms`"
     own_defaults, own_checks = dict(max_update_rms=1.), dict(max_update_rms=positive)
-    def __init__(self, stepper:Callable): super().__init__(stepper)
+    def __init__(self,
+        stepper:Callable # The stepper whose update is clipped; it must not read `p`'s values
+    ): super().__init__(stepper)
     def __call__(self, p, lr, max_update_rms, **kwargs):
         upd, res = self.update(p, lr=lr, max_update_rms=max_update_rms, **kwargs)
         rms, bound = (upd*upd).mean().sqrt(), lr*max_update_rms   # the update is -lr*u
@@ -469,7 +480,11 @@ schedule_free_sgd_step.hyper_checks = dict(mom=open_unit_interval)
 # %% ../nbs/13_modern.ipynb #8ba81af7
 class ScheduleFreeOptimizer(Optimizer):
     "An `Optimizer` for Schedule-Free steppers: `train()` and `eval()` switch the parameters between y and x"
-    def __init__(self, params, cbs, **defaults):
+    def __init__(self,
+        params:Tensor|Iterable, # Tensors, groups of tensors, or torch-style group dicts
+        cbs:list, # Callbacks ending in a Schedule-Free stepper (which keeps `z` in the state)
+        **defaults # Hyper-parameters, as for `Optimizer`
+    ):
         super().__init__(params, cbs, **defaults)
         self.training = True
 
@@ -506,7 +521,9 @@ class ScheduleFreeOptimizer(Optimizer):
         "The state dict of an `Optimizer`, with the mode (and, in eval mode, the training points y in the state)"
         return {**super().state_dict(), 'training': self.training}
 
-    def load_state_dict(self, state_dict:dict):
+    def load_state_dict(self,
+        state_dict:dict # From `state_dict()`, saved in either mode
+    ):
         "Load a state dict saved in either mode; the optimizer takes the saved mode"
         if 'training' not in state_dict:
             raise ValueError("state dict has no 'training' mode: it was not saved by a ScheduleFreeOptimizer")

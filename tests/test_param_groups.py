@@ -5,6 +5,7 @@ import pytest, torch
 from torch import nn
 import fastopt
 from fastopt.param_groups import *
+from fastopt.modern import Lion
 from helpers import gradient_stream
 
 class Net(nn.Module):
@@ -66,7 +67,7 @@ def test_layerwise_groups_decay_the_learning_rate_towards_the_input():
     groups = layerwise_groups(net.blocks()[:4], lr=1e-3, lr_decay=0.8, wd=0.05)
     assert [g['lr'] for g in groups] == pytest.approx([1e-3*0.8**3, 1e-3*0.8**2, 1e-3*0.8**2, 1e-3*0.8, 1e-3, 1e-3])
     assert [g['wd'] for g in groups] == [0., 0.05, 0., 0., 0.05, 0.]   # embedding; linear; norms; convolution
-    opt = fastopt.Lion(groups, lr=1.)   # a group's own values win over the optimizer's
+    opt = Lion(groups, lr=1.)   # a group's own values win over the optimizer's
     assert [g['lr'] for g in opt.param_groups] == [g['lr'] for g in groups]
 
 def test_fastai_splitter_and_slice_give_layerwise_rates():
