@@ -32,7 +32,7 @@ def browser():
         yield b
         b.close()
 
-PAGES = ['index', 'optimizer', 'callbacks', 'optimizers', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion', 'trace',
+PAGES = ['index', 'optimizer', 'callbacks', 'optimizers', 'modern', 'param_groups', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion', 'trace',
          'cpu', 'storage', 'performance', 'distributed', 'checkpoints', 'guarantees', 'api']
 WITH_MATH = ['callbacks', 'optimizers', 'lookahead', 'storage', 'performance']
 

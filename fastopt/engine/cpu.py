@@ -196,8 +196,11 @@ def kernel_source(prog:Program, layout:Layout) -> str:
     # a value stored in a low-precision dtype before the last phase would be reloaded rounded, where the
     # per-parameter path keeps using it unrounded: then every store waits for the last phase (and is recomputed)
     defer = any(layout.dtypes[b] != layout.compute for b,n in prog.stores if prog.phases[n] < last)
-    store_phase = {n: last if defer else prog.phases[n] for _,n in prog.stores}
-    for k in range(last + 1): lines += _scalar_code(prog, k) + _loop_code(prog, layout, k, store_phase)
+    def phases(defer:bool) -> list[str]:
+        store_phase = {n: last if defer else prog.phases[n] for _,n in prog.stores}
+        return [l for k in range(last + 1) for l in _scalar_code(prog, k) + _loop_code(prog, layout, k, store_phase)]
+    try: lines += phases(defer)
+    except NotTraceable: lines += phases(True)   # a later phase reads what an earlier one would overwrite: store last
     head = _C_HEAD.format(T=T, s=s, npt=max(len(prog.scalar_index), 1), nred=max(len(prog.sums), 1),
                           nslot=max(len(prog.slots), 1))
     for d in dict.fromkeys(layout.dtypes):
