@@ -180,7 +180,7 @@ def rectification(
     r_inf = 2/(1-sqr_mom) - 1
     r = r_inf - 2*step*sqr_mom**step/(1-sqr_mom**step)
     if r <= 5: return None
-    return math.sqrt(((r-4) * (r-2) * r_inf)/((r_inf-4)*(r_inf-2)*r))
+    return (((r-4) * (r-2) * r_inf)/((r_inf-4)*(r_inf-2)*r)) ** 0.5   # `** 0.5`, not math.sqrt: it stays traceable
 
 def radam_step(
     p:Tensor, # Parameter to update

@@ -19,8 +19,9 @@ from .engine.storage import LOW_PRECISION, RESERVED, roundings, compute_dtype, r
 
 # %% auto #0
 __all__ = ['hyper_checks', 'torch_aliases', 'executions', 'settings', 'nonfinite_policies', 'resolve_hyper', 'non_negative',
-           'unit_interval', 'check_hyper', 'callback_defaults', 'callback_checks', 'callback_name', 'HyperView',
-           'ParamGroup', 'Optimizer', 'WrappingOptimizer', 'NonFiniteGradError', 'check_finite_grads']
+           'unit_interval', 'check_hyper', 'callback_defaults', 'callback_state_shapes', 'callback_checks',
+           'callback_name', 'HyperView', 'ParamGroup', 'Optimizer', 'WrappingOptimizer', 'NonFiniteGradError',
+           'check_finite_grads']
 
 # %% ../nbs/01_optimizer.ipynb #9b33b51d
 def _plain(v):
@@ -134,6 +135,12 @@ def callback_defaults(cbs:list) -> dict:
     "Merge the `defaults` of `cbs`, later ones winning"
     res = {}
     for cb in cbs: res.update(getattr(cb, 'defaults', None) or getattr(_unwrap(cb), 'defaults', None) or {})
+    return res
+
+def callback_state_shapes(cbs:list) -> dict:
+    "The shapes of state that is not shaped like its parameter, as callbacks declare them: name -> function of the parameter"
+    res = {}
+    for cb in cbs: res.update(getattr(cb, 'state_shapes', None) or getattr(_unwrap(cb), 'state_shapes', None) or {})
     return res
 
 def callback_checks(cbs:list) -> dict:
@@ -650,8 +657,11 @@ def _loaded_value(opt, k:str, v, p:Tensor, schema:dict, where:str):
     "A private copy of state value `v` for parameter `p`, checked against what the callbacks keep, in its dtype"
     want = schema.get(k)
     if isinstance(v, Tensor):
-        if v.ndim > 0 and v.shape != p.shape:
-            raise ValueError(f"{where} has shape {tuple(v.shape)} but the parameter has shape {tuple(p.shape)}")
+        declared = callback_state_shapes(opt.cbs).get(k)
+        shape = tuple(declared(p)) if declared else tuple(p.shape)
+        if v.ndim > 0 and tuple(v.shape) != shape:
+            what = 'the callbacks declare' if declared else 'the parameter has'
+            raise ValueError(f"{where} has shape {tuple(v.shape)} but {what} shape {shape}")
         if not (v.is_floating_point() or v.is_complex()) or (v.is_complex() and not p.is_complex()):
             raise ValueError(f"{where} is a tensor of dtype {v.dtype}; the optimizer keeps floating state there")
         if want is not None and want != 'tensor':
@@ -680,6 +690,12 @@ def _state_schema(opt, hyper:dict, p:Tensor) -> dict:
                      isinstance(v, bool) else 'float' if isinstance(v, numbers.Real) and not isinstance(v, bool) else None
     return {k: kind(v) for k,v in st.items() if kind(v)}
 
+def _momentum_added(saved:list, names:list, sd:dict) -> bool:
+    "Whether `saved` is `names` less `average_grad`, with no average in the state (an old SGD/RMSProp/Larc with mom=0)"
+    # those optimizers now always carry average_grad, which keeps nothing while mom stays 0
+    return [n for n in names if n != 'average_grad'] == saved and 'average_grad' in names and \
+           not any('grad_avg' in s for s in sd['state'].values() if isinstance(s, Mapping))
+
 def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
     "The groups' hypers and the state that `sd` would give `opt`; raises without changing anything"
     if not isinstance(sd, Mapping): raise TypeError(f"expected a state dict (a dict), got {type(sd).__name__}")
@@ -690,7 +706,7 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
         by = ' (it was saved by a Lookahead: load it into one)' if 'slow_weights' in extra else ''
         raise ValueError(f"state dict has keys {extra} that an {type(opt).__name__} does not save{by}")
     names = [callback_name(cb) for cb in opt.cbs]
-    if 'callbacks' in sd and list(sd['callbacks']) != names:
+    if 'callbacks' in sd and list(sd['callbacks']) != names and not _momentum_added(list(sd['callbacks']), names, sd):
         raise ValueError(f"state dict was saved by an optimizer with callbacks {list(sd['callbacks'])}; "
                          f"this one has {names}")
     saved = list(sd['param_groups'])

@@ -198,3 +198,29 @@ def test_the_machine_tag_names_cpu_features_on_every_architecture(monkeypatch):
     cpu.machine_tag.cache_clear()
     try: assert 'sve' in cpu.machine_tag()
     finally: cpu.machine_tag.cache_clear()
+
+def test_checkpoint_of_an_sgd_built_with_mom_0_before_average_grad_was_always_there_loads():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = SGD([p], lr=0.1)
+    p.grad = torch.ones(3); opt.step()
+    sd = opt.state_dict()
+    sd['callbacks'] = [n for n in sd['callbacks'] if n != 'average_grad']   # as the old SGD(mom=0) saved it
+    opt.load_state_dict(sd)
+    sd['state'][0]['grad_avg'] = torch.zeros(3)   # but not if an average was kept: that is another optimizer
+    with pytest.raises(ValueError, match='saved by an optimizer with callbacks'): opt.load_state_dict(sd)
+
+def _row_stat(p, row_avg=None, **kwargs):
+    "A stat kept per row of a matrix (state that is not shaped like its parameter)"
+    g = p.grad.data
+    return {'row_avg': g.mean(-1) if row_avg is None else row_avg.mul_(0.5).add_(g.mean(-1), alpha=0.5)}
+_row_stat.state_shapes = dict(row_avg=lambda p: p.shape[:-1])
+
+def test_state_of_a_declared_shape_loads_and_other_shapes_are_refused():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = Optimizer([p], [_row_stat, sgd_step], lr=0.1)
+    p.grad = torch.ones(4, 3); opt.step()
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    assert opt.state[p]['row_avg'].shape == (4,)
+    sd['state'][0]['row_avg'] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"has shape \(3,\) but the callbacks declare shape \(4,\)"): opt.load_state_dict(sd)
