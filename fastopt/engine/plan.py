@@ -93,27 +93,26 @@ class Bucket:
         self.numel, (self.items, self.first) = numel, _chunk(numel)
         self.nthreads = torch.get_num_threads() if numel.sum() >= 4*_CHUNK else 1
         self.pptrs = [p.data_ptr() for p in params]
-        self.rows = [tuple(st[k] for k in self.buffer_keys + self.scalar_keys) for st in self.states]
         self.scalar_store = None   # per-tensor outputs, as 0-d views of one tensor kept across steps
+        self.written = None   # the tensors a step writes (their version counters are bumped)
+        self.stale = False   # set when a step created state: the program traced before it no longer applies
+        _refresh(self)
 
 # %% ../../nbs/08_fusion.ipynb #9966f74e
 def _check(b:Bucket, state:dict) -> list|None:
     "This step's gradients for `b`, ready for the kernel, or `None` if the bucket no longer fits the optimizer's `state`"
-    grads, gdt = [], b.gdt
-    if any(state.get(p) is not st for p, st in zip(b.params, b.states)): return None   # cleared or loaded state
-    for p, shape in zip(b.params, b.shapes):
+    if b.stale: return None
+    grads, gdt, keys, n, strided = [], b.gdt, b.row_keys, b.n_entries, torch.strided
+    for p, st, shape, row in zip(b.params, b.states, b.shapes, b.rows):
+        if state.get(p) is not st or len(st) != n or tuple(map(st.get, keys)) != row: return None   # state replaced
         g = p.grad
-        if g is None or type(g) is not Tensor or g.dtype is not gdt or g.shape != shape or g.layout is not torch.strided:
+        if g is None or type(g) is not Tensor or g.dtype is not gdt or g.shape != shape or g.layout is not strided:
             return None
         grads.append(g if g.is_contiguous() else g.contiguous())
-    if [p.data_ptr() for p in b.params] != b.pptrs: return None
-    keys = b.buffer_keys + b.scalar_keys
-    n = len(b.key) + sum(k in st for st in b.states[:1] for k in RESERVED)
-    for st, row in zip(b.states, b.rows):
-        if len(st) != n or tuple(st.get(k) for k in keys) != row: return None
+    if [p.data_ptr() for p in b.params] != b.pptrs: return None   # a replaced `.data`
     if b.number_keys:
-        first = tuple(b.states[0][k] for k in b.number_keys)
-        if any(tuple(st[k] for k in b.number_keys) != first for st in b.states): return None
+        first = tuple(map(b.states[0].get, b.number_keys))
+        if any(tuple(map(st.get, b.number_keys)) != first for st in b.states): return None
     return grads
 
 def _numbers(b:Bucket, hyper:dict) -> tuple|None:
@@ -121,22 +120,35 @@ def _numbers(b:Bucket, hyper:dict) -> tuple|None:
     st0 = b.states[0]
     return b.prog.slot_values([hyper[k] if src == 'hyper' else st0[k] for src,k in b.inputs])
 
+def _static_table(b:Bucket) -> np.ndarray:
+    "The pointers of every buffer but the gradients, which stay valid while `_check` passes"
+    states, prog = b.states, b.prog
+    bufs = np.zeros((prog.n_bufs + (b.rounding == 'kahan'), len(b.params)), np.int64)
+    bufs[0] = b.pptrs
+    for j,k in enumerate(b.buffer_keys): bufs[2+j] = [s[k].data_ptr() for s in states]
+    if b.rounding == 'kahan': bufs[-1] = [st['kahan_comp'].data_ptr() for st in states]
+    return bufs
+
+def _refresh(b:Bucket):
+    "Record the state `b` has after a step that created or replaced state tensors"
+    b.row_keys = b.buffer_keys + b.scalar_keys + [k for k in ('kahan_comp',) if k in b.states[0]]
+    b.rows = [tuple(map(st.get, b.row_keys)) for st in b.states]
+    b.n_entries = len(b.states[0]) if b.states else 0
+    b.static = None
+
 def _run(b:Bucket, opt, grads:list, numbers:tuple):
     "Step the bucket's parameters with this step's gradients and numbers"
     prog, states, params = b.prog, b.states, b.params
     slots, numbers = numbers
-    n = len(params)
-    views = [real_view(p) for p in params] if params[0].is_complex() else params
-    bufs = np.empty((prog.n_bufs + (b.rounding == 'kahan'), n), np.int64)
-    bufs[0] = b.pptrs if views is params else [v.data_ptr() for v in views]
+    n, changed = len(params), False
+    if b.rounding == 'kahan' and b.static is None:
+        for p, st in zip(params, states):
+            if 'kahan_comp' not in st: st['kahan_comp'] = torch.zeros_like(p); changed = True
+    if b.static is None: b.static = _static_table(b)
+    bufs = b.static.copy()
     bufs[1] = [g.data_ptr() for g in grads]
-    for j,k in enumerate(b.buffer_keys): bufs[2+j] = [s[k].data_ptr() for s in states]
     new = {k: [torch.empty_like(p, dtype=b.storage) for p in params] for k in prog.new_keys}
     for j,k in enumerate(prog.new_keys): bufs[2 + len(b.buffer_keys) + j] = [t.data_ptr() for t in new[k]]
-    if b.rounding == 'kahan':
-        for p, st in zip(params, states):
-            if 'kahan_comp' not in st: st['kahan_comp'] = torch.zeros_like(p)
-        bufs[-1] = [st['kahan_comp'].data_ptr() for st in states]
     keys = None
     if b.rounding == 'stochastic':
         step = np.fromiter((st.get('rounding_step', 0) + 1 for st in states), np.int64, n)
@@ -151,11 +163,10 @@ def _run(b:Bucket, opt, grads:list, numbers:tuple):
     b.fn(len(b.items), b.items.ctypes.data, n, b.first.ctypes.data, bufs.ctypes.data, b.numel.ctypes.data,
          S.ctypes.data if len(S) else None, P.ctypes.data, partial.ctypes.data,
          keys.ctypes.data if keys is not None else None, b.nthreads)
-    written = []
-    for w in prog.writes:
-        if w == 0: written += params
-        elif w < 2 + len(b.buffer_keys): written += [s[b.buffer_keys[w-2]] for s in states]
-    if written: torch.autograd.graph.increment_version(written)
+    if b.written is None:
+        b.written = [t for w in prog.writes for t in (params if w == 0 else [s[b.buffer_keys[w-2]] for s in states]
+                                                      if w < 2 + len(b.buffer_keys) else [])]
+    if b.written: torch.autograd.graph.increment_version(b.written)
     for (k,_),v in zip(prog.number_out, numbers):
         for s in states: s[k] = v
     if prog.python_out:
@@ -163,6 +174,7 @@ def _run(b:Bucket, opt, grads:list, numbers:tuple):
     for k,ts in new.items():
         for s,t in zip(states, ts): s[k] = t
     if keys is not None:
+        changed |= 'rounding_step' not in states[0]
         for s,r in zip(states, step.tolist()): s['rounding_step'] = r
     if prog.scalar_out:
         if b.scalar_store is None or b.scalar_store.shape != (len(prog.scalar_out), n):
@@ -171,8 +183,9 @@ def _run(b:Bucket, opt, grads:list, numbers:tuple):
         b.scalar_store.copy_(torch.from_numpy(P[:, [prog.scalar_index[node] for _,node in prog.scalar_out]].T))
         for j,(k,_) in enumerate(prog.scalar_out):
             for i,s in enumerate(states): s[k] = b.scalar_store[j, i]
-        b.rows = [tuple(st[k] for k in b.buffer_keys + b.scalar_keys) for st in states]   # the views just stored
-    return True
+        changed = True
+    if prog.new_keys: b.stale = True   # new state: the next step plans this group again (and traces the new state)
+    elif changed: _refresh(b)
 
 # %% ../../nbs/08_fusion.ipynb #dad83224
 class GroupPlan:
