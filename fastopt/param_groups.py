@@ -9,22 +9,22 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['norm_types', 'embedding_types', 'split_no_decay', 'no_decay_groups', 'layerwise_groups', 'layers_splitter',
-           'lr_decay_slice', 'mark_no_decay']
+__all__ = ['split_no_decay', 'no_decay_groups', 'layerwise_groups', 'layers_splitter', 'lr_decay_slice', 'mark_no_decay']
 
 # %% ../nbs/14_param_groups.ipynb #3a328ecd
-norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm) # Module types whose parameters get no weight decay
-embedding_types = (nn.Embedding, nn.EmbeddingBag) # Module types whose parameters get no weight decay
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)   # no weight decay
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)   # no weight decay
 
 def split_no_decay(
     model:nn.Module, # The model
-    norm_types:tuple=norm_types, # Normalisation layers: no decay
-    embedding_types:tuple=embedding_types, # Embeddings: no decay
+    norm_types:tuple|None=None, # Normalisation layers: no decay (default: batch, layer, group, local-response and RMS norms)
+    embedding_types:tuple|None=None, # Embeddings: no decay (default: `nn.Embedding`, `nn.EmbeddingBag`)
     max_ndim:int=1 # Parameters of at most this many dimensions (biases, scales): no decay
 ) -> tuple[list[Tensor], list[Tensor]]:
     "The parameters of `model` that take weight decay, and those that do not; each once, in the model's order"
     seen, decay, no_decay = set(), [], []
-    exempt_types = tuple(norm_types) + tuple(embedding_types)
+    exempt_types = tuple(_NORM_TYPES if norm_types is None else norm_types) + \
+                   tuple(_EMBEDDING_TYPES if embedding_types is None else embedding_types)
     for m in model.modules():
         for name, p in m.named_parameters(recurse=False):
             if id(p) in seen: continue   # shared (tied) parameters are listed once, where first seen
