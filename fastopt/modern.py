@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 from .optimizer import Optimizer, non_negative, unit_interval, callback_defaults, callback_name
-from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, step_stat, debias, adam_step
+from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, step_stat, debias, adam_step, boolean
+from .optimizers import _build
 
 # %% auto #0
 __all__ = ['positive', 'open_unit_interval', 'step_count', 'non_negative_or_none', 'lion_step', 'lion_average', 'Lion',
@@ -18,7 +19,8 @@ __all__ = ['positive', 'open_unit_interval', 'step_count', 'non_negative_or_none
            'adopt_sqr_average', 'ADOPT', 'ademamix_schedules', 'slow_average', 'ademamix_step', 'AdEMAMix',
            'stable_adamw_step', 'StableAdamW', 'UpdateOf', 'WithGrad', 'Modifier', 'cautious', 'clip_grad_norm',
            'clip_update_rms', 'schedule_free_weights', 'schedule_free_adamw_step', 'schedule_free_sgd_step',
-           'ScheduleFreeOptimizer', 'ScheduleFreeAdamW', 'ScheduleFreeSGD']
+           'ScheduleFreeOptimizer', 'ScheduleFreeAdamW', 'ScheduleFreeSGD', 'non_positive', 'factored_sqr_average',
+           'adafactor_step', 'Adafactor']
 
 # %% ../nbs/13_modern.ipynb #d9cf2c29
 def _number(name, v) -> float:
@@ -601,3 +603,79 @@ def _schedule_free_eval_class():
 def __getattr__(name):
     if name == 'ScheduleFreeEval': return _schedule_free_eval_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# %% ../nbs/13_modern.ipynb #70447967
+def non_positive(name:str, v):
+    "Check that hyper-parameter `name` is a finite number <= 0"
+    x = _number(name, v)
+    if not (math.isfinite(x) and x <= 0): raise ValueError(f"invalid {name!r}: {v!r} (must be a finite number <= 0)")
+
+def _row_shape(p:Tensor) -> tuple: return (*p.shape[:-1], 1)
+def _col_shape(p:Tensor) -> tuple: return (*p.shape[:-2], 1, p.shape[-1])
+
+def factored_sqr_average(
+    p:Tensor, # Parameter whose squared gradient is averaged
+    sqr_mom_decay:float, # τ: the average's weight of the new squared gradient is step**τ
+    step:int, # Steps taken, from `step_stat`
+    row_var:Tensor|None=None, # Means of g² over the last dimension, averaged (tensors of 2 or more dimensions)
+    col_var:Tensor|None=None, # Means of g² over the second-to-last dimension, averaged
+    sqr_avg:Tensor|None=None, # The average of g² itself (tensors of fewer than 2 dimensions)
+    **kwargs
+) -> dict:
+    "Adafactor's second moment: row and column means of g² (`row_var`, `col_var`) for matrices, g² (`sqr_avg`) below"
+    g, w = p.grad.data, step**sqr_mom_decay
+    if p.ndim < 2:
+        if sqr_avg is None: sqr_avg = torch.zeros_like(g)
+        return {'sqr_avg': sqr_avg.lerp_(g*g, w)}
+    if row_var is None: row_var, col_var = g.new_zeros(_row_shape(g)), g.new_zeros(_col_shape(g))
+    row_var.lerp_(torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.shape[-1]), w)
+    col_var.lerp_(torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_().div_(g.shape[-2]), w)
+    return {'row_var': row_var, 'col_var': col_var}
+
+factored_sqr_average.defaults = dict(sqr_mom_decay=-0.8)
+factored_sqr_average.hyper_checks = dict(sqr_mom_decay=non_positive)
+factored_sqr_average.state_shapes = dict(row_var=_row_shape, col_var=_col_shape)   # state not shaped like `p`
+
+def adafactor_step(
+    p:Tensor, # Parameter to update
+    lr:float, # Cap of the relative step size, and the scale of the weight decay
+    step:int, # Steps taken, from `step_stat`
+    eps:float|None, # ε1, lower bound of the second-moment estimate's root (None: the dtype's machine epsilon)
+    scale_eps:float, # ε2, the least weight RMS that scales the step
+    max_update_rms:float, # d: the update is scaled down when its RMS exceeds this
+    wd:float, # Decoupled weight decay, scaled by `lr`
+    row_var:Tensor|None=None, # From `factored_sqr_average` (tensors of 2 or more dimensions)
+    col_var:Tensor|None=None, # From `factored_sqr_average`
+    sqr_avg:Tensor|None=None, # From `factored_sqr_average` (tensors of fewer than 2 dimensions)
+    do_wd:bool=True, # False (in the state) exempts this parameter from weight decay
+    **kwargs
+):
+    "Step for Adafactor: the gradient over the root of the (factored) second moment, clipped, scaled by the weights' RMS"
+    g = p.grad.data
+    eps1 = torch.finfo(p.dtype).eps if eps is None else eps
+    alpha = (p.data.norm()/p.data.numel()**0.5).clamp(min=scale_eps) * min(lr, step**-0.5)   # before the decay
+    if sqr_avg is None: v = (row_var @ col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps1))
+    else: v = sqr_avg
+    u = v.clamp(min=eps1*eps1).rsqrt()*g
+    clip = (u.norm()/(u.numel()**0.5*max_update_rms)).clamp(min=1.)
+    if do_wd and wd != 0: p.data.mul_(1 - lr*wd)
+    p.data.sub_(u*(alpha/clip))
+
+adafactor_step.defaults = dict(eps=None, scale_eps=1e-3, max_update_rms=1., wd=0.)
+adafactor_step.hyper_checks = dict(eps=non_negative_or_none, scale_eps=non_negative, max_update_rms=positive)
+
+# %% ../nbs/13_modern.ipynb #4f8e21e1
+def Adafactor(
+    params:Tensor|Iterable, # Model parameters, or groups of them
+    lr:float|slice=1e-2, # Cap of the relative step size ρ, and the scale of the weight decay
+    sqr_mom_decay:float=-0.8, # τ: 1 - β2 at step t is t**τ (torch's `beta2_decay`)
+    eps:float|None=None, # ε1, lower bound of the second moment's root (None: the dtype's machine epsilon)
+    scale_eps:float=1e-3, # ε2, the least weight RMS that scales the step (torch's `eps[1]`)
+    max_update_rms:float=1., # d, the clipping threshold of the update's RMS (torch's `d`)
+    wd:float=0., # Decoupled weight decay, scaled by `lr` (torch's `weight_decay`)
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
+) -> Optimizer:
+    "Adafactor: a factored second moment and relative steps, as torch.optim.Adafactor computes them"
+    cbs = [step_stat, factored_sqr_average, adafactor_step]
+    return _build('Adafactor', params, cbs, settings, lr=lr, sqr_mom_decay=sqr_mom_decay, eps=eps, scale_eps=scale_eps,
+                  max_update_rms=max_update_rms, wd=wd)
