@@ -576,3 +576,109 @@ def test_adafactor_save_load_resumes_bit_exactly():
     resumed.load_state_dict(ckpt['opt'])
     run(resumed, qs, grads[first:])
     assert all(torch.equal(p, q) for p, q in zip([p for g in ps for p in g], [q for g in qs for q in g]))
+
+# ----------------------------------------------------------------------------------------------------------- Muon
+# | Muon(lr, mom, wd, nesterov, ns_a, ns_b, ns_c, ns_steps, ns_eps, adjust_lr_fn) | torch.optim.Muon(lr, momentum=mom, weight_decay=wd, nesterov, ns_coefficients=(ns_a, ns_b, ns_c), ns_steps, eps=ns_eps, adjust_lr_fn) |
+# | MuonAdamW(muon_groups(...)): use_muon groups / the others | torch.optim.Muon(adjust_lr_fn='match_rms_adamw') / torch.optim.AdamW(betas=(mom, sqr_mom), eps, weight_decay=wd) |
+MATRICES = [[(5, 4), (8, 3)], [(3, 7), (6, 6)], [(10, 2), (1, 4)]]   # three groups of 2-D weights, wide and tall
+
+@pytest.fixture
+def one_thread():
+    "Tiny matrix products in one thread: on a busy machine, a thread pool's hand-offs make them 100 times slower"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+MUON = {
+    'defaults':     (lambda ps: Muon(ps, lr=LR),
+                     lambda ps: torch.optim.Muon(_groups(ps))),
+    'all-set':      (lambda ps: Muon(ps, lr=LR, mom=0.9, wd=0.01, nesterov=False, ns_steps=3, ns_eps=1e-5,
+                                     adjust_lr_fn='match_rms_adamw'),
+                     lambda ps: torch.optim.Muon(_groups(ps), momentum=0.9, weight_decay=0.01, nesterov=False, ns_steps=3,
+                                                 eps=1e-5, adjust_lr_fn='match_rms_adamw')),
+    'coefficients': (lambda ps: Muon(ps, lr=[0.02, 0.01, 0.005], ns_a=2., ns_b=-1.5, ns_c=0.5, adjust_lr_fn='original'),
+                     lambda ps: torch.optim.Muon(_groups(ps, lrs=[0.02, 0.01, 0.005]), ns_coefficients=(2., -1.5, 0.5),
+                                                 adjust_lr_fn='original')),
+}
+
+@pytest.mark.parametrize('execution', ['per_param', 'auto'])
+@pytest.mark.parametrize('case', list(MUON))
+def test_muon_matches_torch(case, execution, one_thread):
+    opt, _, _ = compare(*MUON[case], execution, shapes=MATRICES)
+    if execution == 'auto': assert opt.execution_counts['fused'] == 0 and opt.fallback_reasons
+
+def test_muon_takes_matrices_and_checks_its_hyper_parameters():
+    with pytest.raises(ValueError, match="takes matrices only; parameter 1 of group 0 has shape"):
+        Muon([torch.zeros(2, 2), torch.zeros(3)])
+    for bad, msg in [(dict(adjust_lr_fn='rms'), "invalid 'adjust_lr_fn'"), (dict(ns_steps=0), "whole number of steps"),
+                     (dict(nesterov='yes'), "must be True or False"), (dict(mom=1.), "invalid 'mom'")]:
+        with pytest.raises((ValueError, TypeError), match=msg): Muon([torch.zeros(2, 2)], **bad)
+    opt = Muon([torch.zeros(2, 2)], execution='per_param')
+    assert opt.param_groups[0]['momentum'] == 0.95 and opt.execution == 'per_param'
+
+ROUTED_SHAPES = [[(5, 4), (8, 3)], [(4,), (), (3, 3, 2), (6, 5)], [(3, 7), (10, 2)]]   # Muon, AdamW, Muon
+
+def _routed_ours(ps):
+    groups = [{'params': ps[0], 'use_muon': True}, {'params': ps[1], 'use_muon': False, 'lr': 3e-3, 'mom': 0.9},
+              {'params': ps[2], 'use_muon': True, 'lr': 1e-2, 'nesterov': False, 'wd': 0.}]
+    return MuonAdamW(groups, lr=1e-3, sqr_mom=0.99, wd=0.1)
+
+class _TorchMuonAdamW:
+    "torch.optim.Muon on the matrices and torch.optim.AdamW on the rest, stepped together"
+    def __init__(self, ps):
+        self.opts = [torch.optim.Muon([{'params': ps[0], 'lr': 1e-3}, {'params': ps[2], 'lr': 1e-2, 'nesterov': False,
+                                                                         'weight_decay': 0.}],
+                                      weight_decay=0.1, adjust_lr_fn='match_rms_adamw'),
+                     torch.optim.AdamW(ps[1], lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)]
+    def step(self):
+        for o in self.opts: o.step()
+
+@pytest.mark.parametrize('execution', ['per_param', 'auto'])
+def test_muon_adamw_matches_torch_muon_and_adamw(execution, one_thread):
+    opt, _, _ = compare(_routed_ours, _TorchMuonAdamW, execution, shapes=ROUTED_SHAPES)
+    if execution == 'auto':   # the AdamW group fuses; Muon's matrices run per parameter
+        assert opt.execution_counts['fused'] == 4*N_STEPS and opt.execution_counts['per_param'] == 4*N_STEPS
+
+def test_muon_adamw_save_load_resumes_bit_exactly(one_thread):
+    first, total = 20, 40
+    ps, qs = make_groups(ROUTED_SHAPES), make_groups(ROUTED_SHAPES)
+    grads = gradient_stream(ps, total)
+    opt = _routed_ours(ps)
+    run(opt, ps, grads[:first])
+    buf = io.BytesIO()
+    torch.save({'params': [p.detach().clone() for g in ps for p in g], 'opt': opt.state_dict()}, buf)
+    run(opt, ps, grads[first:])
+    buf.seek(0); ckpt = torch.load(buf, weights_only=True)
+    assert [g['use_muon'] for g in ckpt['opt']['param_groups']] == [True, False, True]
+    with torch.no_grad():
+        for q, v in zip([q for g in qs for q in g], ckpt['params']): q.copy_(v)
+    resumed = _routed_ours(qs)
+    resumed.load_state_dict(ckpt['opt'])
+    run(resumed, qs, grads[first:])
+    assert all(torch.equal(p, q) for p, q in zip([p for g in ps for p in g], [q for g in qs for q in g]))
+
+def test_muon_groups_route_hidden_matrices_only():
+    from torch import nn
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv = nn.Embedding(20, 8), nn.Conv1d(8, 8, 3)
+            self.hidden, self.ln = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)), nn.LayerNorm(8)
+            self.out = nn.Linear(8, 20, bias=False)
+            self.out.weight = self.emb.weight   # tied: AdamW's, as the embedding
+    net = Net()
+    names = {id(p): n for n, p in net.named_parameters()}
+    muon, other = split_muon(net)
+    assert [names[id(p)] for p in muon] == ['hidden.0.weight', 'hidden.2.weight']
+    assert sorted(names[id(p)] for p in other) == sorted(['emb.weight', 'conv.weight', 'conv.bias', 'hidden.0.bias',
+                                                          'hidden.2.bias', 'ln.weight', 'ln.bias'])
+    assert [names[id(p)] for p in split_muon(net, head=net.hidden[2])[0]] == ['hidden.0.weight']
+    groups = muon_groups(net, muon=dict(lr=0.02), adamw=dict(mom=0.9))
+    assert [(g['use_muon'], len(g['params'])) for g in groups] == [(True, 2), (False, 7)]
+    opt = MuonAdamW(groups, lr=1e-3)
+    assert [(g['lr'], g['mom']) for g in opt.param_groups] == [(0.02, 0.95), (1e-3, 0.9)]
+    with pytest.raises(ValueError, match="no group has use_muon=True"): MuonAdamW(net.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="a group with use_muon=True takes matrices only"):
+        MuonAdamW([{'params': list(net.conv.parameters()), 'use_muon': True}], lr=1e-3)
+    with pytest.raises(TypeError, match="must be True or False"): opt.set_hyper('use_muon', 1)
