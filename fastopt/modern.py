@@ -648,9 +648,11 @@ def adafactor_step(
     row_var:Tensor|None=None, # From `factored_sqr_average` (tensors of 2 or more dimensions)
     col_var:Tensor|None=None, # From `factored_sqr_average`
     sqr_avg:Tensor|None=None, # From `factored_sqr_average` (tensors of fewer than 2 dimensions)
+    mom:float=0., # β1 of the optional first moment of the clipped update (0: none, as in torch)
+    grad_avg:Tensor|None=None, # That first moment (from the state; only once `mom` has been non-zero)
     do_wd:bool=True, # False (in the state) exempts this parameter from weight decay
     **kwargs
-):
+) -> dict|None:
     "Step for Adafactor: the gradient over the root of the (factored) second moment, clipped, scaled by the weights' RMS"
     g = p.grad.data
     eps1 = torch.finfo(p.dtype).eps if eps is None else eps
@@ -660,9 +662,14 @@ def adafactor_step(
     u = v.clamp(min=eps1*eps1).rsqrt()*g
     clip = (u.norm()/(u.numel()**0.5*max_update_rms)).clamp(min=1.)
     if do_wd and wd != 0: p.data.mul_(1 - lr*wd)
-    p.data.sub_(u*(alpha/clip))
+    if grad_avg is None and mom == 0:   # a branch on a hyper-parameter: no first moment (torch's Adafactor)
+        p.data.sub_(u*(alpha/clip))
+        return None
+    if grad_avg is None: grad_avg = torch.zeros_like(g)
+    p.data.sub_(grad_avg.lerp_(u/clip, 1-mom)*alpha)
+    return {'grad_avg': grad_avg}
 
-adafactor_step.defaults = dict(eps=None, scale_eps=1e-3, max_update_rms=1., wd=0.)
+adafactor_step.defaults = dict(mom=0., eps=None, scale_eps=1e-3, max_update_rms=1., wd=0.)
 adafactor_step.hyper_checks = dict(eps=non_negative_or_none, scale_eps=non_negative, max_update_rms=positive)
 
 # %% ../nbs/13_modern.ipynb #4f8e21e1
@@ -674,12 +681,13 @@ def Adafactor(
     scale_eps:float=1e-3, # ε2, the least weight RMS that scales the step (torch's `eps[1]`)
     max_update_rms:float=1., # d, the clipping threshold of the update's RMS (torch's `d`)
     wd:float=0., # Decoupled weight decay, scaled by `lr` (torch's `weight_decay`)
+    mom:float=0., # β1 of the paper's optional first moment of the update (0: none, torch's Adafactor)
     **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "Adafactor: a factored second moment and relative steps, as torch.optim.Adafactor computes them"
     cbs = [step_stat, factored_sqr_average, adafactor_step]
     return _build('Adafactor', params, cbs, settings, lr=lr, sqr_mom_decay=sqr_mom_decay, eps=eps, scale_eps=scale_eps,
-                  max_update_rms=max_update_rms, wd=wd)
+                  max_update_rms=max_update_rms, wd=wd, mom=mom)
 
 # %% ../nbs/13_modern.ipynb #751daeee
 ns_coefficients = (3.4445, -4.7750, 2.0315) # Jordan's (a, b, c) of the quintic Newton–Schulz iteration

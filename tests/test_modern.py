@@ -682,3 +682,13 @@ def test_muon_groups_route_hidden_matrices_only():
     with pytest.raises(ValueError, match="a group with use_muon=True takes matrices only"):
         MuonAdamW([{'params': list(net.conv.parameters()), 'use_muon': True}], lr=1e-3)
     with pytest.raises(TypeError, match="must be True or False"): opt.set_hyper('use_muon', 1)
+
+def test_adafactor_optional_first_moment():
+    "The paper's β1 (`mom`, off by default as in torch): an average of the clipped updates, scaled by α"
+    w, v = torch.full((3, 2), 2.), torch.full((3, 2), 2.)
+    w.grad, v.grad = torch.full((3, 2), -0.5), torch.full((3, 2), -0.5)
+    plain, with_mom = Adafactor([w]), Adafactor([v], mom=0.9)
+    plain.step(); with_mom.step()
+    assert 'grad_avg' not in plain.state[w]
+    torch.testing.assert_close(v - 2., (w - 2.)*0.1)   # m_1 = (1-β1)·Û_1
+    torch.testing.assert_close(with_mom.state[v]['grad_avg'], torch.full((3, 2), -0.1))
