@@ -94,3 +94,22 @@ def test_save_load_with_optimizer_resumes_bit_exactly(name, tmp_path):
     with resumed.no_bar(), resumed.no_logging(): resumed.fit(1, lr)
     for (k, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), f"{k} differs after resuming"
+
+def _demo_module():
+    import importlib.util, pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent/'examples'/'train_digits.py'
+    spec = importlib.util.spec_from_file_location('train_digits', path)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+def test_demo_runs_modern_optimizers_by_name(tmp_path, capsys):
+    demo = _demo_module()
+    assert demo.parse_args(['--opt', 'Lion', '--opt', 'adan,ScheduleFreeAdamW', '--opt', 'MuonAdamW']).opt == \
+           ['Lion', 'Adan', 'ScheduleFreeAdamW', 'Muon']
+    assert {'Lion', 'Adan', 'ScheduleFreeAdamW', 'Muon'} <= set(demo.parse_args([]).opt)   # in the default table
+    assert set(demo.OPTIMIZERS) >= {'ADOPT', 'AdEMAMix', 'StableAdamW', 'Adafactor', 'ScheduleFreeSGD'}
+    with pytest.raises(SystemExit): demo.parse_args(['--opt', 'Lionn'])
+    assert "unknown optimizer 'Lionn'" in capsys.readouterr().err
+    demo.main(['--epochs', '1', '--opt', 'ScheduleFreeAdamW,Muon', '--progress', 'none', '--plot', str(tmp_path/'c.png')])
+    rows = [l.split() for l in capsys.readouterr().out.splitlines() if l.startswith(('ScheduleFreeAdamW', 'Muon'))]
+    assert [r[0] for r in rows if len(r) == 4] == ['ScheduleFreeAdamW', 'Muon']
