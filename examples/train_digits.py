@@ -4,18 +4,38 @@ several fastopt optimizers, one of them composed on the command line from a list
 Progress shows as fastai's bars in a terminal and as one line per epoch in a log (stdout not a terminal).
 
     python examples/train_digits.py --epochs 5 --cbs weight_decay,average_grad,momentum_step
+    python examples/train_digits.py --opt Lion --opt Adafactor,Muon
+
+Every ready-made optimizer can be chosen with --opt. Muon trains the hidden layer's weight matrix and AdamW the
+rest (`MuonAdamW` with `muon_groups` as the fastai splitter); the Schedule-Free ones train at a constant rate with
+`Learner.fit` and their `ScheduleFreeEval` callback (validation at the average), the others with fit_one_cycle.
 """
 import argparse, sys, time, warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
-READY_MADE = {  # name: (opt_func, a learning rate suited to it)
-    'SGD-mom': ('SGD', dict(mom=0.9), 0.1),
-    'Adam':    ('Adam', {}, 1e-2),
-    'RAdam':   ('RAdam', {}, 1e-2),
-    'ranger':  ('ranger', {}, 3e-2),
-    'Lamb':    ('Lamb', {}, 3e-2),
+OPTIMIZERS = {  # name: (fastopt factory, its arguments, a learning rate suited to it)
+    'SGD':               ('SGD', {}, 0.1),
+    'SGD-mom':           ('SGD', dict(mom=0.9), 0.1),
+    'RMSProp':           ('RMSProp', {}, 1e-3),
+    'Adam':              ('Adam', {}, 1e-2),
+    'RAdam':             ('RAdam', {}, 1e-2),
+    'QHAdam':            ('QHAdam', {}, 1e-2),
+    'Larc':              ('Larc', {}, 0.1),
+    'Lamb':              ('Lamb', {}, 3e-2),
+    'ranger':            ('ranger', {}, 3e-2),
+    'Lion':              ('Lion', dict(wd=0.1), 3e-3),
+    'Adan':              ('Adan', {}, 3e-2),
+    'ADOPT':             ('ADOPT', {}, 1e-2),
+    'AdEMAMix':          ('AdEMAMix', {}, 1e-2),
+    'StableAdamW':       ('StableAdamW', {}, 1e-2),
+    'Adafactor':         ('Adafactor', {}, 5e-2),
+    'ScheduleFreeAdamW': ('ScheduleFreeAdamW', {}, 1e-2),
+    'ScheduleFreeSGD':   ('ScheduleFreeSGD', {}, 0.5),
+    'Muon':              ('MuonAdamW', {}, 1e-2),
 }
+DEFAULT = ['SGD-mom', 'Adam', 'RAdam', 'ranger', 'Lamb', 'Lion', 'Adan', 'ScheduleFreeAdamW', 'Muon', 'composed']
+ALIASES = {'MuonAdamW': 'Muon'}
 
 def parse_args(argv):
     import fastopt.callbacks
@@ -25,7 +45,9 @@ def parse_args(argv):
     ap.add_argument('--cbs', default='weight_decay,average_grad,momentum_step',
                     help='comma-separated fastopt callbacks for the composed optimizer (default: %(default)s)')
     ap.add_argument('--cbs-lr', type=float, default=0.1, help='learning rate of the composed optimizer (default: %(default)s)')
-    ap.add_argument('--only', default=None, help='comma-separated subset of: ' + ', '.join([*READY_MADE, 'composed']))
+    ap.add_argument('--opt', '--only', action='append', default=None, metavar='NAME',
+                    help='an optimizer to run; repeatable, or a comma-separated list (default: ' + ','.join(DEFAULT) +
+                         '); one of: ' + ', '.join([*OPTIMIZERS, 'composed']))
     ap.add_argument('--plot', default='digits_losses.png', help='where to write the loss curves (default: %(default)s)')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--progress', choices=['bars', 'lines', 'none'], default=None,
@@ -43,10 +65,11 @@ def parse_args(argv):
         ap.error(f"--cbs: {', '.join(map(repr, unknown)) or 'nothing'} is not a fastopt callback (choose from "
                  f"{', '.join(fastopt.callbacks.__all__)})")
     args.cbs = [getattr(fastopt.callbacks, n) for n in names]
-    wanted = [*READY_MADE, 'composed'] if args.only is None else [o.strip() for o in args.only.split(',')]
+    wanted = DEFAULT if args.opt is None else [o.strip() for arg in args.opt for o in arg.split(',') if o.strip()]
+    known = {n.lower(): n for n in [*OPTIMIZERS, 'composed']} | {a.lower(): n for a, n in ALIASES.items()}
     for o in wanted:
-        if o not in READY_MADE and o != 'composed': ap.error(f'--only: unknown optimizer {o!r}')
-    args.only = wanted
+        if o.lower() not in known: ap.error(f"--opt: unknown optimizer {o!r} (choose from {', '.join([*OPTIMIZERS, 'composed'])})")
+    args.opt = list(dict.fromkeys(known[o.lower()] for o in wanted))   # each once, in the order given
     return args
 
 def digits_dls(bs, seed):
@@ -59,13 +82,20 @@ def digits_dls(bs, seed):
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     ds = list(zip(x[idx], y[idx]))
     n_valid = len(ds) // 5
-    return DataLoaders.from_dsets(ds[n_valid:], ds[:n_valid], bs=bs, device='cpu')
+    return DataLoaders.from_dsets(ds[n_valid:], ds[:n_valid], bs=bs, device='cpu', num_workers=0)   # in memory: no workers
 
 def composed(cbs):
     "An Optimizer from `cbs`; `mom` is added when no callback declares it, since fit_one_cycle schedules it"
     import fastopt
     extra = {} if 'mom' in fastopt.callback_defaults(cbs) else dict(mom=0.9)
     return partial(fastopt.Optimizer, cbs=cbs, **extra)
+
+def learner_args(name):
+    "What the Learner needs besides the optimizer: Muon's splitter, Schedule-Free's callback"
+    import fastopt.modern
+    if name == 'Muon': return dict(splitter=fastopt.modern.muon_groups)   # hidden matrix: Muon; the rest: AdamW
+    if name.startswith('ScheduleFree'): return dict(cbs=fastopt.modern.ScheduleFreeEval())
+    return {}
 
 def epoch_logger(learn, n_epoch):
     "A fastai logger that prints the Recorder's values of each epoch on one line"
@@ -99,27 +129,32 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     dls = digits_dls(args.bs, args.seed)
-    runs = {k: (partial(getattr(fastopt, f), **kw), lr) for k, (f, kw, lr) in READY_MADE.items() if k in args.only}
-    if 'composed' in args.only: runs['composed'] = (composed(args.cbs), args.cbs_lr)
-    print(f"digits: {len(dls.train_ds)} train / {len(dls.valid_ds)} valid images; fit_one_cycle({args.epochs}) each")
+    runs = {name: (composed(args.cbs), args.cbs_lr) if name == 'composed' else
+                  (partial(getattr(fastopt, OPTIMIZERS[name][0]), **OPTIMIZERS[name][1]), OPTIMIZERS[name][2])
+            for name in args.opt}
+    print(f"digits: {len(dls.train_ds)} train / {len(dls.valid_ds)} valid images; fit_one_cycle({args.epochs}) each"
+          + (f" (Schedule-Free: fit({args.epochs}) at a constant rate)" if any(n.startswith('ScheduleFree') for n in runs) else ''))
     rows, curves = [], {}
     for name, (opt_func, lr) in runs.items():
         torch.manual_seed(args.seed)
         model = nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10))
-        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy)
+        extra = learner_args(name)
+        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy, **extra)
         print(f"\n{name} (lr {lr:g})", flush=True)
         start = time.perf_counter()
-        with showing_progress(learn, args.progress, args.epochs): learn.fit_one_cycle(args.epochs, lr)
+        fit = learn.fit if name.startswith('ScheduleFree') else learn.fit_one_cycle
+        with showing_progress(learn, args.progress, args.epochs): fit(args.epochs, lr)
         per_epoch = (time.perf_counter() - start) / args.epochs
         losses = [float(l) for l in learn.recorder.losses]   # before validate(), which resets the recorder
         with learn.no_bar(), learn.no_logging(): valid_loss, acc = learn.validate()
         curves[name] = losses
         rows.append((name, losses[-1], acc, per_epoch))
-    print(f"\n{'optimizer':<10} {'train loss':>10} {'valid acc':>9} {'s/epoch':>8}")
-    for name, loss, acc, per_epoch in rows: print(f"{name:<10} {loss:>10.4f} {acc:>9.1%} {per_epoch:>8.3f}")
+    width = max(len('optimizer'), *(len(r[0]) for r in rows))
+    print(f"\n{'optimizer':<{width}} {'train loss':>10} {'valid acc':>9} {'s/epoch':>8}")
+    for name, loss, acc, per_epoch in rows: print(f"{name:<{width}} {loss:>10.4f} {acc:>9.1%} {per_epoch:>8.3f}")
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, losses in curves.items(): ax.plot(losses, label=name)
-    ax.set_xlabel('batch'); ax.set_ylabel('training loss (smoothed)'); ax.set_yscale('log'); ax.legend()
+    ax.set_xlabel('batch'); ax.set_ylabel('training loss (smoothed)'); ax.set_yscale('log'); ax.legend(fontsize='small', ncol=2)
     ax.set_title('digits: fastopt optimizers in a fastai Learner')
     fig.savefig(args.plot, dpi=120, bbox_inches='tight')
     print(f"loss curves: {args.plot}")

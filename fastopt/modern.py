@@ -10,15 +10,18 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 from .optimizer import Optimizer, non_negative, unit_interval, callback_defaults, callback_name
-from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, step_stat, debias, adam_step
+from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, step_stat, debias, adam_step, boolean
+from .optimizers import _build
 
 # %% auto #0
-__all__ = ['positive', 'open_unit_interval', 'step_count', 'non_negative_or_none', 'lion_step', 'lion_average', 'Lion',
-           'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan', 'adopt_average', 'adopt_step',
-           'adopt_sqr_average', 'ADOPT', 'ademamix_schedules', 'slow_average', 'ademamix_step', 'AdEMAMix',
-           'stable_adamw_step', 'StableAdamW', 'UpdateOf', 'WithGrad', 'Modifier', 'cautious', 'clip_grad_norm',
-           'clip_update_rms', 'schedule_free_weights', 'schedule_free_adamw_step', 'schedule_free_sgd_step',
-           'ScheduleFreeOptimizer', 'ScheduleFreeAdamW', 'ScheduleFreeSGD']
+__all__ = ['ns_coefficients', 'adjust_lr_fns', 'positive', 'open_unit_interval', 'step_count', 'non_negative_or_none',
+           'lion_step', 'lion_average', 'Lion', 'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan',
+           'adopt_average', 'adopt_step', 'adopt_sqr_average', 'ADOPT', 'ademamix_schedules', 'slow_average',
+           'ademamix_step', 'AdEMAMix', 'stable_adamw_step', 'StableAdamW', 'UpdateOf', 'WithGrad', 'Modifier',
+           'cautious', 'clip_grad_norm', 'clip_update_rms', 'schedule_free_weights', 'schedule_free_adamw_step',
+           'schedule_free_sgd_step', 'ScheduleFreeOptimizer', 'ScheduleFreeAdamW', 'ScheduleFreeSGD', 'non_positive',
+           'factored_sqr_average', 'adafactor_step', 'Adafactor', 'newton_schulz', 'muon_lr_ratio', 'muon_step', 'Muon',
+           'route', 'split_muon', 'muon_groups', 'MuonAdamW']
 
 # %% ../nbs/13_modern.ipynb #d9cf2c29
 def _number(name, v) -> float:
@@ -601,3 +604,259 @@ def _schedule_free_eval_class():
 def __getattr__(name):
     if name == 'ScheduleFreeEval': return _schedule_free_eval_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# %% ../nbs/13_modern.ipynb #70447967
+def non_positive(name:str, v):
+    "Check that hyper-parameter `name` is a finite number <= 0"
+    x = _number(name, v)
+    if not (math.isfinite(x) and x <= 0): raise ValueError(f"invalid {name!r}: {v!r} (must be a finite number <= 0)")
+
+def _row_shape(p:Tensor) -> tuple: return (*p.shape[:-1], 1)
+def _col_shape(p:Tensor) -> tuple: return (*p.shape[:-2], 1, p.shape[-1])
+
+def factored_sqr_average(
+    p:Tensor, # Parameter whose squared gradient is averaged
+    sqr_mom_decay:float, # τ: the average's weight of the new squared gradient is step**τ
+    step:int, # Steps taken, from `step_stat`
+    row_var:Tensor|None=None, # Means of g² over the last dimension, averaged (tensors of 2 or more dimensions)
+    col_var:Tensor|None=None, # Means of g² over the second-to-last dimension, averaged
+    sqr_avg:Tensor|None=None, # The average of g² itself (tensors of fewer than 2 dimensions)
+    **kwargs
+) -> dict:
+    "Adafactor's second moment: row and column means of g² (`row_var`, `col_var`) for matrices, g² (`sqr_avg`) below"
+    g, w = p.grad.data, step**sqr_mom_decay
+    if p.ndim < 2:
+        if sqr_avg is None: sqr_avg = torch.zeros_like(g)
+        return {'sqr_avg': sqr_avg.lerp_(g*g, w)}
+    if row_var is None: row_var, col_var = g.new_zeros(_row_shape(g)), g.new_zeros(_col_shape(g))
+    row_var.lerp_(torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.shape[-1]), w)
+    col_var.lerp_(torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_().div_(g.shape[-2]), w)
+    return {'row_var': row_var, 'col_var': col_var}
+
+factored_sqr_average.defaults = dict(sqr_mom_decay=-0.8)
+factored_sqr_average.hyper_checks = dict(sqr_mom_decay=non_positive)
+factored_sqr_average.state_shapes = dict(row_var=_row_shape, col_var=_col_shape)   # state not shaped like `p`
+
+def adafactor_step(
+    p:Tensor, # Parameter to update
+    lr:float, # Cap of the relative step size, and the scale of the weight decay
+    step:int, # Steps taken, from `step_stat`
+    eps:float|None, # ε1, lower bound of the second-moment estimate's root (None: the dtype's machine epsilon)
+    scale_eps:float, # ε2, the least weight RMS that scales the step
+    max_update_rms:float, # d: the update is scaled down when its RMS exceeds this
+    wd:float, # Decoupled weight decay, scaled by `lr`
+    row_var:Tensor|None=None, # From `factored_sqr_average` (tensors of 2 or more dimensions)
+    col_var:Tensor|None=None, # From `factored_sqr_average`
+    sqr_avg:Tensor|None=None, # From `factored_sqr_average` (tensors of fewer than 2 dimensions)
+    mom:float=0., # β1 of the optional first moment of the clipped update (0: none, as in torch)
+    grad_avg:Tensor|None=None, # That first moment (from the state; only once `mom` has been non-zero)
+    do_wd:bool=True, # False (in the state) exempts this parameter from weight decay
+    **kwargs
+) -> dict|None:
+    "Step for Adafactor: the gradient over the root of the (factored) second moment, clipped, scaled by the weights' RMS"
+    g = p.grad.data
+    eps1 = torch.finfo(p.dtype).eps if eps is None else eps
+    alpha = (p.data.norm()/p.data.numel()**0.5).clamp(min=scale_eps) * min(lr, step**-0.5)   # before the decay
+    if sqr_avg is None: v = (row_var @ col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps1))
+    else: v = sqr_avg
+    u = v.clamp(min=eps1*eps1).rsqrt()*g
+    clip = (u.norm()/(u.numel()**0.5*max_update_rms)).clamp(min=1.)
+    if do_wd and wd != 0: p.data.mul_(1 - lr*wd)
+    if grad_avg is None and mom == 0:   # a branch on a hyper-parameter: no first moment (torch's Adafactor)
+        p.data.sub_(u*(alpha/clip))
+        return None
+    if grad_avg is None: grad_avg = torch.zeros_like(g)
+    p.data.sub_(grad_avg.lerp_(u/clip, 1-mom)*alpha)
+    return {'grad_avg': grad_avg}
+
+adafactor_step.defaults = dict(mom=0., eps=None, scale_eps=1e-3, max_update_rms=1., wd=0.)
+adafactor_step.hyper_checks = dict(eps=non_negative_or_none, scale_eps=non_negative, max_update_rms=positive)
+
+# %% ../nbs/13_modern.ipynb #4f8e21e1
+def Adafactor(
+    params:Tensor|Iterable, # Model parameters, or groups of them
+    lr:float|slice=1e-2, # Cap of the relative step size ρ, and the scale of the weight decay
+    sqr_mom_decay:float=-0.8, # τ: 1 - β2 at step t is t**τ (torch's `beta2_decay`)
+    eps:float|None=None, # ε1, lower bound of the second moment's root (None: the dtype's machine epsilon)
+    scale_eps:float=1e-3, # ε2, the least weight RMS that scales the step (torch's `eps[1]`)
+    max_update_rms:float=1., # d, the clipping threshold of the update's RMS (torch's `d`)
+    wd:float=0., # Decoupled weight decay, scaled by `lr` (torch's `weight_decay`)
+    mom:float=0., # β1 of the paper's optional first moment of the update (0: none, torch's Adafactor)
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
+) -> Optimizer:
+    "Adafactor: a factored second moment and relative steps, as torch.optim.Adafactor computes them"
+    cbs = [step_stat, factored_sqr_average, adafactor_step]
+    return _build('Adafactor', params, cbs, settings, lr=lr, sqr_mom_decay=sqr_mom_decay, eps=eps, scale_eps=scale_eps,
+                  max_update_rms=max_update_rms, wd=wd, mom=mom)
+
+# %% ../nbs/13_modern.ipynb #751daeee
+ns_coefficients = (3.4445, -4.7750, 2.0315) # Jordan's (a, b, c) of the quintic Newton–Schulz iteration
+
+def newton_schulz(
+    B:Tensor, # A matrix
+    steps:int=5, # Iterations
+    a:float=ns_coefficients[0], b:float=ns_coefficients[1], c:float=ns_coefficients[2], # The coefficients
+    eps:float=1e-7 # Lower bound of the Frobenius norm `B` is divided by
+) -> Tensor:
+    "An approximately semi-orthogonal matrix with the singular vectors of `B`, in bfloat16: `steps` quintic Newton–Schulz steps"
+    if B.ndim != 2: raise ValueError(f"Newton–Schulz orthogonalises matrices; got a tensor of shape {tuple(B.shape)}")
+    wide = B.shape[0] <= B.shape[1]
+    X = B.bfloat16() if wide else B.bfloat16().T   # iterate on the smaller Gram matrix
+    X = X.div(X.norm().clamp(min=eps))
+    for _ in range(steps):
+        A = X @ X.T
+        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    return X if wide else X.T
+
+adjust_lr_fns = (None, 'original', 'match_rms_adamw') # The values of Muon's `adjust_lr_fn`
+
+def muon_lr_ratio(
+    adjust_lr_fn:str|None, # None or 'original' (Jordan's), or 'match_rms_adamw' (Moonshot's)
+    shape:tuple # The matrix's shape (rows, columns)
+) -> float:
+    "The factor $s$ by which Muon multiplies the learning rate of a matrix of `shape`"
+    rows, cols = shape[:2]
+    if adjust_lr_fn == 'match_rms_adamw': return 0.2*math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows/cols))
+
+def _adjust_lr_fn(name:str, v):
+    if v not in adjust_lr_fns: raise ValueError(f"invalid {name!r}: {v!r} (must be one of {adjust_lr_fns})")
+
+def _whole_positive(name:str, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 < v < 100:
+        raise ValueError(f"invalid {name!r}: {v!r} (must be a whole number of steps in [1, 100))")
+
+def _real_number(name:str, v): _number(name, v)
+
+def muon_step(
+    p:Tensor, # A matrix to update
+    lr:float, # Learning rate
+    mom:float, # Momentum of the gradient average, μ
+    nesterov:bool, # Orthogonalise the Nesterov look-ahead rather than the average
+    ns_a:float, ns_b:float, ns_c:float, # Coefficients of the Newton–Schulz iteration
+    ns_steps:int, # Newton–Schulz steps
+    ns_eps:float, # Lower bound of the norm the momentum is divided by
+    adjust_lr_fn:str|None, # How the rate depends on the matrix's shape: None/'original' or 'match_rms_adamw'
+    grad_avg:Tensor|None=None, # The dampened gradient average so far (from the state)
+    **kwargs
+) -> dict:
+    "Step for Muon (weight decay apart): keep the momentum `grad_avg`, orthogonalise it, and move `p` against it"
+    g = p.grad.data
+    if grad_avg is None: grad_avg = torch.zeros_like(g)
+    grad_avg.lerp_(g, 1-mom)
+    d = g.lerp(grad_avg, mom) if nesterov else grad_avg
+    p.data.add_(newton_schulz(d, ns_steps, ns_a, ns_b, ns_c, ns_eps), alpha=-lr*muon_lr_ratio(adjust_lr_fn, p.shape))
+    return {'grad_avg': grad_avg}
+
+muon_step.defaults = dict(mom=0.95, nesterov=True, ns_a=ns_coefficients[0], ns_b=ns_coefficients[1],
+                          ns_c=ns_coefficients[2], ns_steps=5, ns_eps=1e-7, adjust_lr_fn=None)
+muon_step.hyper_checks = dict(nesterov=boolean, ns_a=_real_number, ns_b=_real_number, ns_c=_real_number,
+                              ns_steps=_whole_positive, ns_eps=non_negative, adjust_lr_fn=_adjust_lr_fn)
+
+def _matrices_only(opt:Optimizer, groups:Iterable[int], what:str):
+    "Raise a `ValueError` naming the first parameter of `groups` that is not a matrix"
+    for i in groups:
+        for j,p in enumerate(opt.param_groups[i]['params']):
+            if p.ndim != 2: raise ValueError(f"{what} takes matrices only; parameter {j} of group {i} has shape "
+                                             f"{tuple(p.shape)} (give other tensors to AdamW: see `muon_groups`)")
+
+# %% ../nbs/13_modern.ipynb #68494716
+def Muon(
+    params:Tensor|Iterable, # Weight matrices (2-D), or groups of them
+    lr:float|slice=1e-3, # Learning rate
+    mom:float=0.95, # Momentum of the gradient average, μ
+    wd:float=0.1, # Decoupled weight decay
+    nesterov:bool=True, # Orthogonalise the Nesterov look-ahead rather than the average
+    ns_a:float=ns_coefficients[0], ns_b:float=ns_coefficients[1], ns_c:float=ns_coefficients[2], # Newton–Schulz coefficients
+    ns_steps:int=5, # Newton–Schulz steps
+    ns_eps:float=1e-7, # Lower bound of the norm the momentum is divided by (torch's `eps`)
+    adjust_lr_fn:str|None=None, # The rate's shape factor: None/'original' (Jordan's) or 'match_rms_adamw' (Moonshot's)
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
+) -> Optimizer:
+    "Muon: momentum orthogonalised by Newton–Schulz, for 2-D weights, as torch.optim.Muon computes it"
+    opt = _build('Muon', params, [weight_decay, muon_step], settings, lr=lr, mom=mom, wd=wd, nesterov=nesterov,
+                 ns_a=ns_a, ns_b=ns_b, ns_c=ns_c, ns_steps=ns_steps, ns_eps=ns_eps, adjust_lr_fn=adjust_lr_fn)
+    _matrices_only(opt, range(len(opt.param_groups)), 'Muon')
+    return opt
+
+# %% ../nbs/13_modern.ipynb #94326e86
+class route(Modifier):
+    "Run callbacks `on` for the parameters of groups whose hyper-parameter `flag` is true, `off` for the others"
+    def __init__(self,
+        flag:str, # A boolean hyper-parameter: its group's value chooses the callbacks
+        on:list, # Callbacks for the groups where `flag` is true
+        off:list # Callbacks for the others
+    ):
+        super().__init__(*on, *off)
+        self.flag, self.branches = flag, (list(off), list(on))
+        self.defaults = {**self.defaults, flag: False}
+        self.hyper_checks = {**self.hyper_checks, flag: boolean}
+        name = lambda cbs: ', '.join(callback_name(c) for c in cbs)
+        self.__qualname__ = f"route({flag}: [{name(on)}] else [{name(off)}])"
+
+    def __call__(self, p, **kwargs):
+        state = {}
+        for cb in self.branches[bool(kwargs[self.flag])]:
+            new = cb(p, **{**kwargs, **state})
+            if isinstance(new, dict): state.update(new)
+        return state
+
+# %% ../nbs/13_modern.ipynb #f84a0e4b
+from .param_groups import _EMBEDDING_TYPES
+
+def split_muon(
+    model:torch.nn.Module, # The model
+    head:torch.nn.Module|Iterable|bool|None=None, # The output layer (AdamW's); None: the last `nn.Linear`; False: none
+    embedding_types:tuple|None=None # Module types whose parameters are AdamW's (default: `nn.Embedding`, `nn.EmbeddingBag`)
+) -> tuple[list[Tensor], list[Tensor]]:
+    "The parameters of `model` for Muon (2-D weights of hidden layers) and for AdamW (the rest), each once, in order"
+    if embedding_types is None: embedding_types = _EMBEDDING_TYPES
+    if head is None: head = ([m for m in model.modules() if isinstance(m, torch.nn.Linear)] or [False])[-1]
+    head_ids = set() if head is False else {id(p) for p in (head.parameters() if isinstance(head, torch.nn.Module)
+                                                            else [head] if isinstance(head, Tensor) else head)}
+    seen, muon, other = set(), [], []
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if id(p) in seen: continue   # a shared (tied) parameter goes where it is first seen
+            seen.add(id(p))
+            matrix = p.ndim == 2 and not isinstance(m, embedding_types) and id(p) not in head_ids
+            (muon if matrix else other).append(p)
+    return muon, other
+
+def muon_groups(
+    model:torch.nn.Module, # The model
+    head:torch.nn.Module|Iterable|bool|None=None, # The output layer (AdamW's); None: the last `nn.Linear`; False: none
+    muon:dict|None=None, # Hyper-parameters of the Muon group only (e.g. `dict(lr=0.02)`)
+    adamw:dict|None=None, # Hyper-parameters of the AdamW group only (e.g. `dict(mom=0.9)`)
+    **kwargs # Passed to `split_muon`
+) -> list[dict]:
+    "Torch-style groups for `MuonAdamW` (and a fastai splitter): the Muon matrices, then the rest (empty groups left out)"
+    ms, others = split_muon(model, head, **kwargs)
+    groups = [{'params': ms, 'use_muon': True, **(muon or {})}, {'params': others, 'use_muon': False, **(adamw or {})}]
+    return [g for g in groups if g['params']]
+
+# %% ../nbs/13_modern.ipynb #307092ee
+def MuonAdamW(
+    params:Iterable, # Groups that say which part they belong to (`use_muon`): `muon_groups(model)`
+    lr:float|slice, # Learning rate (of both parts, unless a group sets its own)
+    mom:float=0.95, # Momentum: Muon's μ and AdamW's β1
+    sqr_mom:float=0.95, # AdamW's β2
+    eps:float=1e-8, # AdamW's ε
+    wd:float=0.1, # Decoupled weight decay of both parts
+    nesterov:bool=True, # Muon: orthogonalise the Nesterov look-ahead
+    ns_a:float=ns_coefficients[0], ns_b:float=ns_coefficients[1], ns_c:float=ns_coefficients[2], # Newton–Schulz coefficients
+    ns_steps:int=5, # Newton–Schulz steps
+    ns_eps:float=1e-7, # Lower bound of the norm Muon's momentum is divided by
+    adjust_lr_fn:str|None='match_rms_adamw', # Muon's shape factor; the default lets both parts share `lr` and `wd`
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
+) -> Optimizer:
+    "Muon for the groups with `use_muon=True` (2-D weights), AdamW for the others, in one optimizer"
+    adamw = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, adam_step]
+    opt = _build('MuonAdamW', params, [route('use_muon', [weight_decay, muon_step], adamw)], settings, lr=lr, mom=mom,
+                 sqr_mom=sqr_mom, eps=eps, wd=wd, nesterov=nesterov, ns_a=ns_a, ns_b=ns_b, ns_c=ns_c,
+                 ns_steps=ns_steps, ns_eps=ns_eps, adjust_lr_fn=adjust_lr_fn)
+    routed = [i for i,g in enumerate(opt.param_groups) if g['use_muon']]
+    if not routed: raise ValueError("MuonAdamW: no group has use_muon=True, so nothing would train with Muon; build "
+                                    "the groups with muon_groups(model) (or give dicts with 'use_muon')")
+    _matrices_only(opt, routed, 'MuonAdamW: a group with use_muon=True')
+    return opt

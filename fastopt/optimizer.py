@@ -140,7 +140,9 @@ def callback_defaults(cbs:list) -> dict:
 def callback_state_shapes(cbs:list) -> dict:
     "The shapes of state that is not shaped like its parameter, as callbacks declare them: name -> function of the parameter"
     res = {}
-    for cb in cbs: res.update(getattr(cb, 'state_shapes', None) or getattr(_unwrap(cb), 'state_shapes', None) or {})
+    for cb in cbs:
+        res.update(callback_state_shapes(getattr(_unwrap(cb), 'cbs', ())))   # callbacks a modifier wraps
+        res.update(getattr(cb, 'state_shapes', None) or getattr(_unwrap(cb), 'state_shapes', None) or {})
     return res
 
 def callback_checks(cbs:list) -> dict:
