@@ -2,9 +2,10 @@
 parameter/gradient/state dtypes, the three `update_rounding` modes and `state_dtype`.
 
 The backbone is differential: the fused kernels (strict `execution='fused'`, so a silent fallback fails) against
-the per-parameter reference, over many steps, three groups, odd sizes, a 0-d and an empty tensor. Stored 16-bit
-values must agree within one unit in the last place (ulp) of their dtype, and almost all of them exactly;
-float32 state within 1e-6 relative. Then the semantics the reference itself must have: Kahan summation tracks a
+the per-parameter reference, over many steps, three groups, odd sizes, a 0-d and an empty tensor. After every
+step, stored 16-bit values must agree within one unit in the last place (ulp) of their dtype, and at least 99% of
+them exactly; float32 state within 1e-6 relative. (The reference then continues from the fused run's values: see
+`fused_and_reference` for why, and `test_the_kernel_computes_each_float32_operation_as_torch_does`.) Then the semantics the reference itself must have: Kahan summation tracks a
 float64 run where rounding to nearest stalls, stochastic rounding is unbiased and reproducible, a run resumed in
 a fresh process is bit-exact, state dicts round-trip, and settings are validated and never hyper-parameters.
 """
@@ -26,7 +27,7 @@ OPTIMIZERS = {
     'SGD':      lambda ps: SGD(ps, lr=slice(1e-2, 5e-2), mom=0.9, wd=1e-2),
     'RMSProp':  lambda ps: RMSProp(ps, lr=1e-2, mom=0.9, wd=1e-2),
     'Adam':     lambda ps: Adam(ps, lr=slice(1e-3, 1e-2)),
-    'RAdam':    lambda ps: RAdam(ps, lr=1e-2, wd=1e-2),      # rectification switches on within 10 steps
+    'RAdam':    lambda ps: RAdam(ps, lr=1e-2, wd=1e-2),      # rectification switches on at step 6
     'QHAdam':   lambda ps: QHAdam(ps, lr=1e-2, wd=1e-2),
     'Larc':     lambda ps: Larc(ps, lr=5e-2, wd=1e-3),
     'Lamb':     lambda ps: Lamb(ps, lr=1e-2, wd=1e-2),
@@ -34,8 +35,6 @@ OPTIMIZERS = {
     'composed': lambda ps: Optimizer(ps, [weight_decay, average_grad, momentum_step], lr=5e-2, wd=1e-2),
 }
 STATE_DTYPES = {'state_param': None, 'state_fp32': FP32, 'state_bf16': BF16}
-
-def _name(d): return {BF16: 'bf16', FP16: 'fp16', FP32: 'fp32', FP64: 'fp64', None: 'none'}[d]
 
 # ---- comparing stored values ----
 
@@ -64,7 +63,7 @@ class Agreement:
     """Compares tensors of a fused run with the reference's and counts the 16-bit values that agree exactly.
 
     A 16-bit value agrees when it is within one ulp of its dtype, or within `rel` (1e-6) of the tensor's largest
-    value: the tolerance of float32 values, which applies to a 16-bit value computed by cancellation (a moving
+    value (at least 1, the order of the weights and gradients): the tolerance of float32 values, which applies to a 16-bit value computed by cancellation (a moving
     average near zero), where a last-bit difference of the float32 operands is many ulps of the small result.
 
     With `at_scale`, a 16-bit value may also differ by two ulps of the tensor's largest value: what two runs that
@@ -312,7 +311,7 @@ def test_kahan_tracks_a_float64_run_where_nearest_stalls_adam(state_dtype):
     assert ((exact - start).abs() / BF16_ULP_1).median() > 5   # the float64 run moved by several ulps
     kahan = (train(BF16, 'kahan') - exact) / BF16_ULP_1
     nearest = (train(BF16, 'nearest') - exact) / BF16_ULP_1
-    assert kahan.abs().max() <= 2, kahan.abs().max()
+    assert kahan.abs().max() <= 1, kahan.abs().max()   # observed: 0.4 (float32 state), 0.7 (bfloat16 state)
     assert torch.equal(nearest, (start - exact) / BF16_ULP_1)   # 'nearest' stalled: no weight moved
     assert nearest.abs().median() > 5
 
@@ -490,25 +489,25 @@ def test_an_optimizer_loads_its_own_state_dict_after_its_rounding_changed():
     run(opt, groups, grad_stream(groups, 2, seed=5))
     opt.load_state_dict(_saved_and_loaded(opt.state_dict()))
 
+@pytest.mark.parametrize('execution', ['auto', 'per_param'])
 @pytest.mark.parametrize('dtype', [FP32, BF16], ids=['fp32', 'bf16'])
-def test_loading_a_state_dict_after_fused_steps_takes_effect(dtype):
-    # rewind a run to a checkpoint in the same optimizer (as fastai's lr_find and learn.load do): the next
-    # steps must start from the loaded state, exactly as the per-parameter reference does
-    results = []
-    for ex in ('fused', 'per_param'):
-        groups = make_groups(SHAPES3, dtype=dtype)
-        opt = OPTIMIZERS['Adam'](groups); opt.execution = ex
-        grads = grad_stream(groups, 6)
-        run(opt, groups, grads[:3])
-        ckpt, weights = _saved_and_loaded(opt.state_dict()), [p.clone() for p in _flat(groups)]
-        run(opt, groups, grads[3:])
-        with torch.no_grad():
-            for p, w in zip(_flat(groups), weights): p.copy_(w)
-        opt.load_state_dict(ckpt)
-        run(opt, groups, grads[3:])
-        assert all(opt.state[p]['step'] == 6 for p in _flat(groups))
-        results.append((_flat(groups), opt.state_dict()))
-    for a, b in zip(results[0][0], results[1][0]): assert torch.equal(a, b)
+def test_loading_a_state_dict_after_steps_takes_effect(dtype, execution):
+    # rewind a run to a checkpoint in the same optimizer (as fastai's lr_find and learn.load do) and replay it:
+    # the same weights and state, bit for bit, as the run that was never rewound
+    groups, whole = make_groups(SHAPES3, dtype=dtype), make_groups(SHAPES3, dtype=dtype)
+    opt, ref = OPTIMIZERS['Adam'](groups), OPTIMIZERS['Adam'](whole)
+    opt.execution = ref.execution = execution
+    grads = grad_stream(groups, 6)
+    run(ref, whole, grads)
+    run(opt, groups, grads[:3])
+    ckpt, weights = _saved_and_loaded(opt.state_dict()), [p.clone() for p in _flat(groups)]
+    run(opt, groups, grads[3:])
+    with torch.no_grad():
+        for p, w in zip(_flat(groups), weights): p.copy_(w)
+    opt.load_state_dict(ckpt)
+    run(opt, groups, grads[3:])
+    for a, b in zip(_flat(groups), _flat(whole)): assert torch.equal(a, b)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
 
 # ---- settings changed between steps ----
 
