@@ -391,8 +391,14 @@ def _choice_property(name:str, choices:tuple, doc:str) -> property:
 
 Optimizer.execution = _choice_property('execution', executions,
                                        "How `step` runs the callbacks: 'auto', 'fused' or 'per_param'")
-Optimizer.update_rounding = _choice_property('update_rounding', roundings,
+_rounding = _choice_property('update_rounding', roundings,
     "How a bfloat16/float16 parameter takes its update: 'kahan' (default), 'stochastic' or 'nearest'")
+
+def _set_rounding(self, v):
+    _rounding.fset(self, v)
+    if v != 'kahan':   # compensation buffers belong to 'kahan': leaving it drops them (saved state stays consistent)
+        for st in getattr(self, 'state', {}).values(): st.pop('kahan_comp', None)
+Optimizer.update_rounding = property(_rounding.fget, _set_rounding, doc=_rounding.__doc__)
 
 _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -401,6 +407,7 @@ def _set_state_dtype(self, v):
     if v is not None and v not in _STATE_DTYPES:
         raise ValueError(f"state_dtype must be None or one of {[str(d) for d in _STATE_DTYPES]}, got {v!r}")
     self.__dict__['_state_dtype'] = v
+    self.__dict__.pop('_planner', None)   # plans were made for the old storage
     for p, st in getattr(self, 'state', {}).items():   # existing state is converted now
         for k, t in st.items():
             if isinstance(t, Tensor) and t.is_floating_point() and k not in RESERVED and t.dtype != self._storage_dtype(p):
@@ -540,7 +547,25 @@ def step(self:Optimizer,
     loss = None
     if closure is not None:
         with torch.enable_grad(): loss = closure()
-    to_step = self._to_step()
+    self._step_lists(self._to_step())
+    return loss
+
+@patch
+@torch.no_grad()
+def step_parameters(self:Optimizer,
+    params:Iterable # Some of the optimizer's parameters
+):
+    "Step only `params` (those that have a gradient and are not frozen) exactly as `step` steps them"
+    wanted = {id(p): p for p in (params if not isinstance(params, Tensor) else [params])}
+    to_step = [[p for p in g['params'] if id(p) in wanted] for g in self.param_groups]
+    if sum(map(len, to_step)) != len(wanted):
+        raise ValueError("step_parameters got tensors that are not parameters of this optimizer")
+    frozen = self._frozen() if self.frozen_idx else ()
+    self._step_lists([[p for p in ps if p.grad is not None and p not in frozen] for ps in to_step])
+
+@patch
+def _step_lists(self:Optimizer, to_step:list):
+    "Step, per group, the parameters of `to_step`: everything is checked and planned before anything changes"
     _check_gradients(self.param_lists, to_step)
     if self.nonfinite_grads == 'raise': check_finite_grads(self.param_lists, to_step)
     hypers = [{k: v for k,v in g.items() if k not in _NOT_HYPERS} for g in self.param_groups]
@@ -557,7 +582,6 @@ def step(self:Optimizer,
         self._step_params(rest, hyper)
         counts['per_param'] += len(rest)
     self.fallback_reasons = reasons
-    return loss
 
 # torch.compile(opt.step) breaks the graph around the step: kernels called through ctypes are not traceable
 Optimizer.step = torch._disable_dynamo(Optimizer.step)

@@ -225,17 +225,24 @@ PRIMITIVES = {   # one element-wise operation the built-in callbacks use, applie
 }
 
 @pytest.mark.parametrize('op', list(PRIMITIVES))
-def test_the_kernel_computes_each_float32_operation_as_torch_does(op):
-    # 08_cpu promises that the kernel's float32 rounding is torch's, which is what makes the stored 16-bit values
-    # of the fused and per-parameter paths the same bits. 4099 elements: torch's vectorised loops and their tail
+def test_the_kernel_computes_each_float32_operation_within_one_ulp_of_torch(op):
+    # The kernel rounds each operation once, in IEEE arithmetic without contraction. torch's vectorised CPU loops
+    # may contract a*b + c into a fused multiply-add (add with alpha, lerp, addcmul) and use a sqrt that is not
+    # correctly rounded, so the two agree to one unit in the last place, not bit for bit (see 08_cpu); 16-bit
+    # storage then rounds the same way in all but the rare near-tie cases the comparisons above count.
+    # 4099 elements: torch's vectorised loops and their tail
     runs = []
     for ex in ('fused', 'per_param'):
         gen = torch.Generator().manual_seed(0)
         p = torch.randn(4099, generator=gen); p.grad = torch.randn(4099, generator=gen)
         opt = Optimizer([p], [_op(PRIMITIVES[op])]); opt.execution = ex
         opt.step(); runs.append(p)
-    differ = (runs[0] != runs[1]).float().mean().item()
-    assert differ == 0, f'{op}: {differ:.1%} of the float32 results differ in their last bit'
+    gen = torch.Generator().manual_seed(0)
+    p0, g = torch.randn(4099, generator=gen), torch.randn(4099, generator=gen)
+    scale = p0.abs() + g.abs() + runs[1].abs()   # a contracted a*b + c differs by an ulp of its operands, not its result
+    worst = ((runs[0] - runs[1]).abs() / scale).max().item()
+    assert worst <= 2**-23, f'{op}: results differ by {worst / 2**-23:.1f} units in the last place of their operands'
+    assert opt.execution_counts['per_param'] == 1
 
 # ---- f. mixed dtypes ----
 

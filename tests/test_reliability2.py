@@ -224,3 +224,15 @@ def test_state_of_a_declared_shape_loads_and_other_shapes_are_refused():
     assert opt.state[p]['row_avg'].shape == (4,)
     sd['state'][0]['row_avg'] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"has shape \(3,\) but the callbacks declare shape \(4,\)"): opt.load_state_dict(sd)
+
+def test_step_parameters_steps_a_subset_exactly_as_step_does():
+    a, b = [torch.randn(5) for _ in range(3)], None
+    b = [p.clone() for p in a]
+    oa, ob = Adam(a, lr=1e-2), Adam(b, lr=1e-2)
+    for i in range(4):
+        g = [torch.randn(5) for _ in range(3)]
+        for p, q, x in zip(a, b, g): p.grad, q.grad = x.clone(), x.clone()
+        for p in a: oa.step_parameters([p])   # one at a time, as gradient release does
+        ob.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    with pytest.raises(ValueError, match='not parameters of this optimizer'): oa.step_parameters([torch.randn(2)])

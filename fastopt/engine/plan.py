@@ -103,8 +103,10 @@ def _check(b:Bucket, state:dict) -> list|None:
     "This step's gradients for `b`, ready for the kernel, or `None` if the bucket no longer fits the optimizer's `state`"
     if b.stale: return None
     grads, gdt, keys, n, strided = [], b.gdt, b.row_keys, b.n_entries, torch.strided
-    for p, st, shape, row in zip(b.params, b.states, b.shapes, b.rows):
-        if state.get(p) is not st or len(st) != n or tuple(map(st.get, keys)) != row: return None   # state replaced
+    for p, st, shape, row in zip(b.params, b.states, b.shapes, b.row_ids):
+        # the same state dict, entries and tensors (by identity: `rows` keeps them alive, so ids are not reused)
+        if state.get(p) is not st or len(st) - _n_reserved(st) != n or list(map(id, map(st.get, keys))) != row:
+            return None
         g = p.grad
         if g is None or type(g) is not Tensor or g.dtype is not gdt or g.shape != shape or g.layout is not strided:
             return None
@@ -129,11 +131,14 @@ def _static_table(b:Bucket) -> np.ndarray:
     if b.rounding == 'kahan': bufs[-1] = [st['kahan_comp'].data_ptr() for st in states]
     return bufs
 
+def _n_reserved(st:dict) -> int: return ('kahan_comp' in st) + ('rounding_step' in st)
+
 def _refresh(b:Bucket):
     "Record the state `b` has after a step that created or replaced state tensors"
     b.row_keys = b.buffer_keys + b.scalar_keys + [k for k in ('kahan_comp',) if k in b.states[0]]
     b.rows = [tuple(map(st.get, b.row_keys)) for st in b.states]
-    b.n_entries = len(b.states[0]) if b.states else 0
+    b.row_ids = [list(map(id, r)) for r in b.rows]
+    b.n_entries = len(b.key)
     b.static = None
 
 def _run(b:Bucket, opt, grads:list, numbers:tuple):
@@ -206,7 +211,12 @@ class GroupPlan:
             except NotTraceable as e: self.rest += ps; self.reasons.append(str(e))
         self.ids = tuple(map(id, params))
         self.hyper_key = _hyper_key(hyper)
+        self.settings = _settings_key(opt)
         self.ready = []   # (bucket, gradients, numbers) for this step, filled by `Planner.plan`
+
+def _settings_key(opt) -> tuple:
+    "The settings a plan was made for"
+    return (opt.update_rounding, opt.state_dtype, opt.seed)
 
 def _hyper_key(hyper:dict) -> tuple:
     "What a trace assumed of the hyper-parameters: which are numbers, and the other values"
@@ -228,12 +238,14 @@ class Planner:
 
     def plan(self, opt, i:int, params:list, hyper:dict) -> GroupPlan:
         "The plan for group `i` stepping `params` (with gradients) with `hyper`, reused when it still fits"
-        gp = self.plans.get(i)
-        if gp is not None and gp.ids == tuple(map(id, params)) and gp.hyper_key == _hyper_key(hyper) \
+        ids = tuple(map(id, params))
+        gp = self.plans.get((i, ids))   # several subsets of a group may be stepped in turn (gradient release)
+        if gp is not None and gp.ids == ids and gp.hyper_key == _hyper_key(hyper) and gp.settings == _settings_key(opt) \
            and self._ready(opt, gp, hyper): return gp
         index = {id(p): j for j,p in enumerate(q for g in opt.param_groups for q in g['params'])}
         self.builds += 1
-        gp = self.plans[i] = GroupPlan(opt, params, hyper, index)
+        if len(self.plans) > 4096: self.plans.clear()   # bounded, whatever subsets are stepped
+        gp = self.plans[i, ids] = GroupPlan(opt, params, hyper, index)
         if not self._ready(opt, gp, hyper): raise RuntimeError("internal error: a fresh plan does not fit its step")
         return gp
 
