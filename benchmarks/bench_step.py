@@ -1,6 +1,6 @@
 """Time one optimizer step: fastopt against fastai 2.8 and torch.optim, side by side, in one run.
 
-    .venv/bin/python benchmarks/bench_step.py            # the full table (about ten minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_step.py            # the full table (about five minutes on 2 idle cores)
     .venv/bin/python benchmarks/bench_step.py --help     # options: sets, optimizers, repeats, device, markdown
 
 For each parameter set and optimizer, every implementation gets its own copy of the weights and gradients and
