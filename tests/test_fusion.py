@@ -223,13 +223,17 @@ def test_a_fused_step_allocates_no_tensor_memory():
 def test_the_benchmark_runs_and_prints_its_table():
     root = Path(__file__).parents[1]
     out = subprocess.run([sys.executable, str(root/'benchmarks'/'bench_step.py'), '--scale', '1000', '--repeats', '1',
-                          '--warmup', '1', '--sets', '200x4K', '--optimizers', 'AdamW', 'ranger'],
+                          '--warmup', '1', '--sets', '200x4K', '200g5x100', 'resnet18-bf16',
+                          '--optimizers', 'AdamW', 'AdamW-bf16state', 'ranger'],
                          capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr
-    rows = [l for l in out.stdout.splitlines() if l.startswith('| 200x4K |')]
-    impls = {tuple(c.strip() for c in l.split('|')[2:4]) for l in rows}
+    def impls(s): return {tuple(c.strip() for c in l.split('|')[2:4]) for l in out.stdout.splitlines() if l.startswith(f'| {s} |')}
     assert {('AdamW', 'fastopt'), ('AdamW', 'fastai'), ('AdamW', 'torch fused'), ('AdamW', 'torch foreach'),
-            ('ranger', 'fastopt'), ('ranger', 'fastai')} <= impls
+            ('AdamW-bf16state', 'fastopt'), ('ranger', 'fastopt'), ('ranger', 'fastai')} <= impls('200x4K')
+    assert {('AdamW', 'fastopt'), ('AdamW', 'torch fused'), ('ranger', 'fastopt')} <= impls('200g5x100')   # 200 groups
+    assert {('AdamW', 'fastopt kahan'), ('AdamW', 'fastopt stochastic'), ('AdamW', 'fastopt nearest'),
+            ('AdamW', 'torch fused'), ('AdamW', 'torch foreach'), ('ranger', 'fastopt kahan')} <= impls('resnet18-bf16')
+    assert '| 200g5x100 | 200 | 1000 |' in out.stdout and '| bfloat16 |' in out.stdout   # groups, tensors, dtype
 
 def test_an_unwritable_cache_falls_back_to_a_private_one(tmp_path, monkeypatch):
     blocker = tmp_path/'not-a-directory'
