@@ -53,6 +53,10 @@ static inline uint32_t fo_mix32(uint32_t x) {{
     x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x2c1b3c6du; x ^= x >> 16; return x; }}
 static inline float fo_uniform(uint32_t key, int64_t i) {{
     return (float)(fo_mix32(key + fo_mix32((uint32_t)i)) >> 8) * 0x1p-24f; }}
+static inline uint16_t fo_sr_bf16_bits(float w, uint32_t r) {{
+    uint32_t u; memcpy(&u, &w, 4);
+    const uint32_t up = (u + r) >> 16;   /* r in [0, 2^16): rounds up with probability (low 16 bits) / 2^16 */
+    return (uint16_t)(((u & 0x7f800000u) == 0x7f800000u) ? fo_bf16_rne(w) : up); }}
 static inline uint16_t fo_next16(uint16_t b, int up) {{
     if ((b & 0x7fffu) == 0) return up ? 0x0001u : 0x8001u;
     return ((b & 0x8000u) == 0) == (up != 0) ? (uint16_t)(b + 1) : (uint16_t)(b - 1); }}
@@ -137,6 +141,8 @@ def _param_store(layout:Layout, value:str) -> list[str]:
     d = layout.dtypes[0]
     if layout.rounding == 'nearest' or d not in _FMT: return [_store(d, 'b0[i]', value)]
     f, old = _FMT[d], f'fo_ld_{_FMT[d]}(b0[i])'
+    if layout.rounding == 'stochastic' and f == 'bf16':   # integer form: branch-free, so it vectorizes
+        return [f'b0[i] = fo_sr_bf16_bits((float){value}, fo_mix32(keys[t] + fo_mix32((uint32_t)i)) >> 16);']
     if layout.rounding == 'stochastic':
         return [f'b0[i] = fo_sr_{f}((float){value}, fo_uniform(keys[t], i));']
     k = len(layout.dtypes)   # the compensation buffer
@@ -205,7 +211,7 @@ def kernel_source(prog:Program, layout:Layout) -> str:
                           nslot=max(len(prog.slots), 1))
     for d in dict.fromkeys(layout.dtypes):
         if d in _C_FORMATS: head += _C_FORMATS[d]
-    if layout.rounding == 'stochastic': head += _C_ROUNDING.format(f=_FMT[layout.dtypes[0]])
+    if layout.rounding == 'stochastic' and layout.dtypes[0] != torch.bfloat16: head += _C_ROUNDING.format(f=_FMT[layout.dtypes[0]])
     return head + _C_SIGNATURE + ' {\n' + '\n'.join(lines) + '\n}\n'
 
 # %% ../../nbs/08_cpu.ipynb #f9757678

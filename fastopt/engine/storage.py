@@ -53,8 +53,18 @@ def _next16(b:Tensor, up:Tensor) -> Tensor:
     away = ((b & 0x8000) == 0) == up
     return torch.where(zero, torch.where(up, 1, 0x8001), torch.where(away, b + 1, b - 1))
 
+def _round_stochastic_bf16(w:Tensor, key:int) -> Tensor:
+    "bfloat16: add 16 random bits below the kept ones and truncate (branch-free, as the kernel does it)"
+    i = torch.arange(w.numel(), dtype=torch.int64).view(w.shape) & _M32
+    r = mix32((key + mix32(i)) & _M32) >> 16
+    u = w.contiguous().view(torch.int32).to(torch.int64) & _M32
+    up = ((u + r) >> 16) & 0xFFFF
+    special = (u & 0x7f800000) == 0x7f800000   # inf and NaN round to nearest
+    return torch.where(special, w.to(torch.bfloat16), _from_bits(up, torch.bfloat16))
+
 def round_stochastic(w:Tensor, dtype:torch.dtype, key:int) -> Tensor:
     "float32 `w` rounded to `dtype` (bfloat16 or float16) stochastically, unbiased, with random numbers of `key`"
+    if dtype == torch.bfloat16: return _round_stochastic_bf16(w, key)
     n = w.to(dtype); nf = n.float()
     keep = ~(nf != w) | ~(nf.abs() <= torch.finfo(torch.float32).max)
     o = _from_bits(_next16(_bits(n), w > nf), dtype); of = o.float()
