@@ -107,33 +107,68 @@ def _by_device_and_dtype(params:list, slow:dict) -> list[tuple[list, list]]:
         fast.append(p); slows.append(slow[p])
     return list(groups.values())
 
+Lookahead.steps_in_backward = False # True while `release_gradients` steps the parameters during backward: `step` then only runs its closure
+
 @patch
 @torch.no_grad()
 def step(self:Lookahead,
     closure:Callable|None=None # Re-evaluates the model under grad and returns the loss, as in torch.optim
 ):
     "Take a fast step with the inner optimizer; every `k` steps, synchronise slow and fast weights"
-    if self._fast_backup is not None:
-        raise RuntimeError("the slow weights are loaded for evaluation: call restore_fast_weights() before step()")
+    self._check_fast_weights('step()')
     loss = None
     if closure is not None:
         with torch.enable_grad(): loss = closure()
+    if self.steps_in_backward: return loss   # the backward stepped, counted and synchronised
     if self.nonfinite_grads == 'raise': check_finite_grads(self.param_lists, self._to_step())
+    self._slow_weights_for([p for g in self.param_groups for p in g['params']])
+    with frozen_grads_hidden(self): self.opt.step()   # a torch inner optimizer would step them
+    self.end_step()
+    return loss
+
+@patch
+def _check_fast_weights(self:Lookahead, what:str):
+    "Raise if the slow weights are loaded for evaluation: a step would move them"
+    if self._fast_backup is not None:
+        raise RuntimeError(f"the slow weights are loaded for evaluation: call restore_fast_weights() before {what}")
+
+@patch
+@torch.no_grad()
+def step_parameters(self:Lookahead,
+    params:Iterable # Some of the parameters (those without a gradient, or frozen, are left alone)
+):
+    "Fast-step only `params`, as `step` steps them, without counting a step: `end_step` counts and synchronises"
+    self._check_fast_weights('step_parameters()')
+    if not isinstance(self.opt, Optimizer) or isinstance(self.opt, WrappingOptimizer):
+        raise TypeError(f"step_parameters needs a fastopt Optimizer inside the Lookahead, not a {type(self.opt).__name__}")
+    params = [params] if isinstance(params, Tensor) else list(params)
+    known = {id(p) for g in self.param_groups for p in g['params']}
+    if not all(id(p) in known for p in params):
+        raise ValueError("step_parameters got tensors that are not parameters of this optimizer")
+    if self.nonfinite_grads == 'raise':
+        wanted, frozen = {id(p) for p in params}, self._frozen() if self.frozen_idx else ()
+        check_finite_grads(self.param_lists, [[p for p in g['params'] if id(p) in wanted and p.grad is not None
+                                                and p not in frozen] for g in self.param_groups])
+    self._slow_weights_for(params)   # before the parameter first moves
+    self.opt.step_parameters(params)
+
+@patch
+@torch.no_grad()
+def end_step(self:Lookahead):
+    "Count one fast step and, every `k` steps, synchronise slow and fast weights: what ends `step`"
     params = [p for g in self.param_groups for p in g['params']]
     slow = self._slow_weights_for(params)
-    with frozen_grads_hidden(self): self.opt.step()   # a torch inner optimizer would step them
     self.count += 1
-    if self.count % self.k == 0:
-        frozen = self._frozen() if self.frozen_idx else set()
-        moving = [p for p in params if p not in frozen]
-        for fast, slows in _by_device_and_dtype([p for p in moving if _plain_tensor(p)], slow):
-            torch._foreach_lerp_(slows, fast, self.alpha)   # θ + α(φ - θ), exact at α = 1 (θ becomes φ bit for bit)
-            torch._foreach_copy_(fast, slows)
-        for p in (p for p in moving if not _plain_tensor(p)):   # e.g. DTensor shards: the same, one tensor at a time
-            slow[p].lerp_(p, self.alpha); p.copy_(slow[p])
-        for p in frozen: slow[p].copy_(p)   # a frozen parameter stays where it is; its slow weight joins it there
-        if self.reset_state: self.opt.clear_state() if hasattr(self.opt, 'clear_state') else self.opt.state.clear()
-    return loss
+    if self.count % self.k: return
+    frozen = self._frozen() if self.frozen_idx else set()
+    moving = [p for p in params if p not in frozen]
+    for fast, slows in _by_device_and_dtype([p for p in moving if _plain_tensor(p)], slow):
+        torch._foreach_lerp_(slows, fast, self.alpha)   # θ + α(φ - θ), exact at α = 1 (θ becomes φ bit for bit)
+        torch._foreach_copy_(fast, slows)
+    for p in (p for p in moving if not _plain_tensor(p)):   # e.g. DTensor shards: the same, one tensor at a time
+        slow[p].lerp_(p, self.alpha); p.copy_(slow[p])
+    for p in frozen: slow[p].copy_(p)   # a frozen parameter stays where it is; its slow weight joins it there
+    if self.reset_state: self.opt.clear_state() if hasattr(self.opt, 'clear_state') else self.opt.state.clear()
 
 # %% ../nbs/04_lookahead.ipynb #e07de978
 @patch
