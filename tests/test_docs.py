@@ -33,7 +33,7 @@ def browser():
         b.close()
 
 PAGES = ['index', 'optimizer', 'callbacks', 'optimizers', 'modern', 'param_groups', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion', 'trace',
-         'cpu', 'storage', 'performance', 'distributed', 'checkpoints', 'guarantees', 'api']
+         'cpu', 'storage', 'performance', 'distributed', 'memory', 'checkpoints', 'guarantees', 'api']
 WITH_MATH = ['callbacks', 'optimizers', 'lookahead', 'storage', 'performance']
 
 def _open(browser, url):

@@ -251,7 +251,7 @@ FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect wi
            '<text x="16" y="22" font-size="16" text-anchor="middle" fill="white" font-family="sans-serif">fo</text></svg>')
 
 ORDER = ['optimizer', 'callbacks', 'optimizers', 'modern', 'param_groups', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion', 'trace', 'cpu', 'storage', 'performance',
-         'distributed', 'checkpoints', 'guarantees', 'api']
+         'distributed', 'memory', 'checkpoints', 'guarantees', 'api']
 
 def sphinx_sources(proc:Path):
     shutil.rmtree(SRC, ignore_errors=True); (SRC/'_static').mkdir(parents=True)

@@ -302,9 +302,10 @@ def trace(
     for k in buffer_keys: st[k] = Sym(tr, f'state:{k}')
     for j,k in enumerate(scalar_keys): st[k] = tr.anon(tr.node('ptin', (j,), 't'))
     p = TracedParam(tr)
-    for cb in cbs:
-        new = cb(p, **{**st, **hyper})
-        if isinstance(new, dict): st.update(new)
+    with torch._C._EnableTorchFunction():   # a step run inside a backward that disabled overrides (fastai's TensorBase)
+        for cb in cbs:
+            new = cb(p, **{**st, **hyper})
+            if isinstance(new, dict): st.update(new)
     return tr, st
 
 # %% ../../nbs/08_trace.ipynb #615cb914
