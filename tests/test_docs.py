@@ -34,7 +34,7 @@ def browser():
 
 PAGES = ['index', 'optimizer', 'callbacks', 'optimizers', 'modern', 'param_groups', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion', 'trace',
          'cpu', 'storage', 'performance', 'distributed', 'memory', 'checkpoints', 'guarantees', 'api']
-WITH_MATH = ['callbacks', 'optimizers', 'lookahead', 'storage', 'performance']
+WITH_MATH = ['callbacks', 'optimizers', 'modern', 'lookahead', 'storage']
 
 def _open(browser, url):
     page = browser.new_page(viewport={'width': 1300, 'height': 1000})
