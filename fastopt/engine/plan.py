@@ -96,7 +96,18 @@ class Bucket:
         self.scalar_store = None   # per-tensor outputs, as 0-d views of one tensor kept across steps
         self.written = None   # the tensors a step writes (their version counters are bumped)
         self.stale = False   # set when a step created state: the program traced before it no longer applies
+        # arrays the kernel reads or writes, allocated once, with their addresses (a ctypes lookup costs per step)
+        self.P = np.zeros((len(params), max(len(prog.scalar_index), 1)), np.float64)
+        self.partial = np.empty((len(self.items), max(len(prog.sums), 1)), np.float64)
+        self.S = np.zeros(max(len(prog.slots), 1), np.float64)
+        self.addr = {k: getattr(self, k).ctypes.data for k in ('items', 'first', 'numel', 'S', 'P', 'partial')}
+        self.bufs, self._bufs_addr = None, (None, 0)
         _refresh(self)
+
+    def addr_of(self, a:np.ndarray) -> int:
+        "The address of `a`, looked up once per array"
+        if self._bufs_addr[0] is not a: self._bufs_addr = (a, a.ctypes.data)
+        return self._bufs_addr[1]
 
 # %% ../../nbs/08_fusion.ipynb #9966f74e
 def _check(b:Bucket, state:dict) -> list|None:
@@ -149,8 +160,8 @@ def _run(b:Bucket, opt, grads:list, numbers:tuple):
     if b.rounding == 'kahan' and b.static is None:
         for p, st in zip(params, states):
             if 'kahan_comp' not in st: st['kahan_comp'] = torch.zeros_like(p); changed = True
-    if b.static is None: b.static = _static_table(b)
-    bufs = b.static.copy()
+    if b.static is None: b.static = _static_table(b); b.bufs = b.static.copy()
+    bufs = b.bufs   # kept across steps (its address too); the static rows stay valid while `_check` passes
     bufs[1] = [g.data_ptr() for g in grads]
     new = {k: [torch.empty_like(p, dtype=b.storage) for p in params] for k in prog.new_keys}
     for j,k in enumerate(prog.new_keys): bufs[2 + len(b.buffer_keys) + j] = [t.data_ptr() for t in new[k]]
@@ -159,15 +170,14 @@ def _run(b:Bucket, opt, grads:list, numbers:tuple):
         step = np.fromiter((st.get('rounding_step', 0) + 1 for st in states), np.int64, n)
         seed = opt.seed & 0xFFFFFFFF
         keys = np.ascontiguousarray(mix32(mix32(mix32(np.int64(seed)) ^ step) ^ b.indices).astype(np.uint32))
-    P = np.zeros((n, max(len(prog.scalar_index), 1)), np.float64)
+    P = b.P
+    if prog.scalar_index: P.fill(0)
     for j,k in enumerate(b.scalar_keys):
         node = prog.tr.index.get(('ptin', (j,), 't'))
         if node is not None: P[:, prog.scalar_index[node]] = [float(s[k]) for s in states]
-    partial = np.empty((len(b.items), max(len(prog.sums), 1)), np.float64)
-    S = np.asarray(slots, np.float64)
-    b.fn(len(b.items), b.items.ctypes.data, n, b.first.ctypes.data, bufs.ctypes.data, b.numel.ctypes.data,
-         S.ctypes.data if len(S) else None, P.ctypes.data, partial.ctypes.data,
-         keys.ctypes.data if keys is not None else None, b.nthreads)
+    b.S[:len(slots)] = slots
+    b.fn(len(b.items), b.addr['items'], n, b.addr['first'], b.addr_of(bufs), b.addr['numel'], b.addr['S'],
+         b.addr['P'], b.addr['partial'], keys.ctypes.data if keys is not None else None, b.nthreads)
     if b.written is None:
         b.written = [t for w in prog.writes for t in (params if w == 0 else [s[b.buffer_keys[w-2]] for s in states]
                                                       if w < 2 + len(b.buffer_keys) else [])]
