@@ -9,30 +9,22 @@ from functools import partial
 from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, non_negative, unit_interval, callback_defaults, callback_name
-from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, step_stat, debias, adam_step, boolean
+from .optimizer import Optimizer, non_negative, unit_interval, _real, callback_defaults, callback_name
+from .callbacks import weight_decay, l2_reg, average_grad, average_sqr_grad, step_stat, debias, adam_step, boolean, positive
 from .optimizers import _build
 
 # %% auto #0
-__all__ = ['ns_coefficients', 'adjust_lr_fns', 'positive', 'open_unit_interval', 'step_count', 'non_negative_or_none',
-           'lion_step', 'lion_average', 'Lion', 'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan',
-           'adopt_average', 'adopt_step', 'adopt_sqr_average', 'ADOPT', 'ademamix_schedules', 'slow_average',
-           'ademamix_step', 'AdEMAMix', 'stable_adamw_step', 'StableAdamW', 'UpdateOf', 'WithGrad', 'Modifier',
-           'cautious', 'clip_grad_norm', 'clip_update_rms', 'schedule_free_weights', 'schedule_free_adamw_step',
+__all__ = ['ns_coefficients', 'adjust_lr_fns', 'open_unit_interval', 'step_count', 'non_negative_or_none', 'lion_step',
+           'lion_average', 'Lion', 'adan_average', 'adan_step', 'proximal_weight_decay', 'Adan', 'adopt_average',
+           'adopt_step', 'adopt_sqr_average', 'ADOPT', 'ademamix_schedules', 'slow_average', 'ademamix_step',
+           'AdEMAMix', 'stable_adamw_step', 'StableAdamW', 'UpdateOf', 'WithGrad', 'Modifier', 'cautious',
+           'clip_grad_norm', 'clip_update_rms', 'schedule_free_weights', 'schedule_free_adamw_step',
            'schedule_free_sgd_step', 'ScheduleFreeOptimizer', 'ScheduleFreeAdamW', 'ScheduleFreeSGD', 'non_positive',
            'factored_sqr_average', 'adafactor_step', 'Adafactor', 'newton_schulz', 'muon_lr_ratio', 'muon_step', 'Muon',
            'route', 'split_muon', 'muon_groups', 'MuonAdamW']
 
 # %% ../nbs/13_modern.ipynb #d9cf2c29
-def _number(name, v) -> float:
-    if isinstance(v, Tensor) and v.numel() == 1: return float(v)
-    if isinstance(v, numbers.Real) and not isinstance(v, bool): return float(v)
-    raise TypeError(f"hyper-parameter {name!r} must be a real number, got {type(v).__name__}: {v!r}")
-
-def positive(name:str, v):
-    "Check that hyper-parameter `name` is a finite number > 0"
-    x = _number(name, v)
-    if not (math.isfinite(x) and x > 0): raise ValueError(f"invalid {name!r}: {v!r} (must be a finite number > 0)")
+_number = _real   # the check that a hyper-parameter is a real number
 
 def open_unit_interval(name:str, v):
     "Check that hyper-parameter `name` is a number in (0, 1)"
