@@ -379,7 +379,7 @@ def add_param_group(self:Optimizer,
     self.param_groups.append(group)
 
 # %% ../nbs/01_optimizer.ipynb #6103f0df
-executions = ('auto', 'fused', 'per_param') # The values `Optimizer.execution` takes; 'auto' is the default
+executions = ('auto', 'fused', 'foreach', 'per_param') # The values `Optimizer.execution` takes; 'auto' is the default
 
 def _choice_property(name:str, choices:tuple, doc:str) -> property:
     "A setting that takes one of `choices` (the first is the default), checked when set"
@@ -390,7 +390,7 @@ def _choice_property(name:str, choices:tuple, doc:str) -> property:
     return property(get, set, doc=doc)
 
 Optimizer.execution = _choice_property('execution', executions,
-                                       "How `step` runs the callbacks: 'auto', 'fused' or 'per_param'")
+                                       "How `step` runs the callbacks: 'auto', 'fused', 'foreach' or 'per_param'")
 _rounding = _choice_property('update_rounding', roundings,
     "How a bfloat16/float16 parameter takes its update: 'kahan' (default), 'stochastic' or 'nearest'")
 
@@ -519,8 +519,8 @@ def _param_index(self:Optimizer, p:Tensor) -> int:
 
 @patch
 def _plan_group(self:Optimizer, i:int, params:list, hyper:dict):
-    "Group `i`'s plan (fused buckets, and parameters left to the reference strategy with why), or `None`"
-    if self.execution == 'per_param' or not params: return None
+    "Group `i`'s plan (engine buckets, C or foreach, and parameters left to the reference strategy with why), or `None`"
+    if self.execution not in ('auto', 'fused', 'foreach') or not params: return None
     planner = self.__dict__.get('_planner')
     if planner is None: planner = self.__dict__['_planner'] = Planner()
     return planner.plan(self, i, params, hyper)

@@ -10,9 +10,10 @@ from torch import Tensor
 from .trace import NotTraceable, Program, trace, is_number
 from .cpu import Layout, compile_kernel, kernel_source
 from .storage import LOW_PRECISION, RESERVED, compute_dtype, real_view, rounding_key, mix32
+from .foreach import Interpreter
 
 # %% auto #0
-__all__ = ['why_not_fusable', 'Bucket', 'GroupPlan', 'Planner']
+__all__ = ['why_not_fusable', 'has_emitter', 'backend_for', 'Bucket', 'GroupPlan', 'Planner']
 
 # %% ../../nbs/08_fusion.ipynb #768d0f18
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -22,11 +23,20 @@ def why_not_fusable(p:Tensor) -> str|None:
     "Why parameter `p` (which has a gradient) cannot be fused, or `None` if it can"
     g = p.grad
     if type(p) not in _PLAIN or type(g) is not Tensor: return "a tensor subclass"
-    if not (p.is_cpu and g.is_cpu): return f"a tensor on {p.device.type} (fused kernels are for the CPU)"
+    if g.device != p.device: return "a gradient on another device"
+    if p.device.type == 'meta': return "a tensor on the meta device (no data)"
     if p.dtype not in _FLOATING: return f"dtype {p.dtype}"
     if g.shape != p.shape or g.is_complex() != p.is_complex(): return "a gradient of another shape or kind"
     if not p.is_contiguous(): return "a non-contiguous parameter"
     return None
+
+def has_emitter(device:torch.device) -> bool:
+    "Whether tensors on `device` have a code emitter (the C kernel's): today the CPU"
+    return device.type == 'cpu'
+
+def backend_for(execution:str, device:torch.device) -> str:
+    "The backend that runs a bucket on `device` under `execution`: 'cpu' (the C kernel) or 'foreach'"
+    return 'cpu' if execution != 'foreach' and has_emitter(device) else 'foreach'
 
 _CHUNK = 16384   # elements per work item: enough to amortize a chunk's set-up, few enough to balance threads
 
@@ -47,7 +57,7 @@ def _classify(p:Tensor, st:dict, storage) -> tuple|None:
     for k,v in st.items():
         if k in RESERVED: continue
         if isinstance(v, Tensor):
-            if type(v) is not Tensor or not v.is_cpu or not (v.is_floating_point() or v.is_complex()): return None
+            if type(v) is not Tensor or v.device != p.device or not (v.is_floating_point() or v.is_complex()): return None
             if v.shape == p.shape and v.is_contiguous() and v.is_complex() == p.is_complex():
                 key.append((k, 'buffer', storage))
             elif v.numel() == 1 and not v.is_complex(): key.append((k, 'scalar'))
@@ -66,9 +76,10 @@ class Bucket:
         params:list, # Parameters with the same state structure and dtypes
         key:tuple, # Their state structure, from `_classify`
         hyper:dict, # Their group's hyper-parameters
-        indices:list # Each parameter's index in the optimizer (for stochastic rounding)
+        indices:list, # Each parameter's index in the optimizer (for stochastic rounding)
+        backend:str='cpu' # 'cpu' (the C kernel) or 'foreach', from `backend_for`
     ):
-        self.params, self.indices, self.key = params, np.asarray(indices, np.int64), key
+        self.params, self.indices, self.key, self.backend = params, np.asarray(indices, np.int64), key, backend
         self.states = [opt.state[p] for p in params]
         p0 = params[0]
         self.storage = opt._storage_dtype(p0)
@@ -85,10 +96,12 @@ class Bucket:
         dtypes = [real(p0.dtype), real(p0.grad.dtype)] + [real(self.storage)]*(prog.n_bufs - 2)
         self.rounding = opt.update_rounding if dtypes[0] in LOW_PRECISION else 'nearest'
         self.layout = Layout(self.cdt, tuple(dtypes), self.rounding)
-        src = kernel_source(prog, self.layout)
-        self.fn = _kernels.get(src) or _kernels.setdefault(src, compile_kernel(src))
+        if backend == 'foreach': self.fn = Interpreter(prog, self.layout)
+        else:
+            src = kernel_source(prog, self.layout)
+            self.fn = _kernels.get(src) or _kernels.setdefault(src, compile_kernel(src))
         self.inputs = [(src_, k) for src_,k in tr.inputs]
-        self.gdt, self.shapes = p0.grad.dtype, [p.shape for p in params]
+        self.gdt, self.shapes, self.device = p0.grad.dtype, [p.shape for p in params], p0.device
         numel = np.fromiter((real_view(p).numel() for p in params), np.int64, len(params))
         self.numel, (self.items, self.first) = numel, _chunk(numel)
         self.nthreads = torch.get_num_threads() if numel.sum() >= 4*_CHUNK else 1
@@ -96,18 +109,7 @@ class Bucket:
         self.scalar_store = None   # per-tensor outputs, as 0-d views of one tensor kept across steps
         self.written = None   # the tensors a step writes (their version counters are bumped)
         self.stale = False   # set when a step created state: the program traced before it no longer applies
-        # arrays the kernel reads or writes, allocated once, with their addresses (a ctypes lookup costs per step)
-        self.P = np.zeros((len(params), max(len(prog.scalar_index), 1)), np.float64)
-        self.partial = np.empty((len(self.items), max(len(prog.sums), 1)), np.float64)
-        self.S = np.zeros(max(len(prog.slots), 1), np.float64)
-        self.addr = {k: getattr(self, k).ctypes.data for k in ('items', 'first', 'numel', 'S', 'P', 'partial')}
-        self.bufs, self._bufs_addr = None, (None, 0)
         _refresh(self)
-
-    def addr_of(self, a:np.ndarray) -> int:
-        "The address of `a`, looked up once per array"
-        if self._bufs_addr[0] is not a: self._bufs_addr = (a, a.ctypes.data)
-        return self._bufs_addr[1]
 
 # %% ../../nbs/08_fusion.ipynb #9966f74e
 def _check(b:Bucket, state:dict) -> list|None:
@@ -119,7 +121,8 @@ def _check(b:Bucket, state:dict) -> list|None:
         if state.get(p) is not st or len(st) - _n_reserved(st) != n or list(map(id, map(st.get, keys))) != row:
             return None
         g = p.grad
-        if g is None or type(g) is not Tensor or g.dtype is not gdt or g.shape != shape or g.layout is not strided:
+        if g is None or type(g) is not Tensor or g.dtype is not gdt or g.shape != shape or g.layout is not strided \
+           or g.device != b.device:
             return None
         grads.append(g if g.is_contiguous() else g.contiguous())
     if [p.data_ptr() for p in b.params] != b.pptrs: return None   # a replaced `.data`
@@ -152,36 +155,35 @@ def _refresh(b:Bucket):
     b.n_entries = len(b.key)
     b.static = None
 
+def _prepare(b:Bucket) -> bool:
+    "Create what the parameters' rounding needs (Kahan buffers) and the backend's static tables; `True` if state changed"
+    changed = False
+    if b.rounding == 'kahan':
+        for p, st in zip(b.params, b.states):
+            if 'kahan_comp' not in st: st['kahan_comp'] = torch.zeros_like(p); changed = True
+    if b.backend == 'cpu': b.static = _static_table(b)
+    else:
+        T = b.cdt
+        b.static = dict(params=[real_view(p.detach()) for p in b.params],
+                        state=[[real_view(s[k]) for s in b.states] for k in b.buffer_keys],
+                        comps=[real_view(s['kahan_comp']) for s in b.states] if b.rounding == 'kahan' else None,
+                        numel=torch.tensor(b.numel.tolist(), dtype=T, device=b.device))
+    return changed
+
 def _run(b:Bucket, opt, grads:list, numbers:tuple):
-    "Step the bucket's parameters with this step's gradients and numbers"
+    "Step the bucket's parameters with this step's gradients and numbers, on its backend"
     prog, states, params = b.prog, b.states, b.params
     slots, numbers = numbers
-    n, changed = len(params), False
-    if b.rounding == 'kahan' and b.static is None:
-        for p, st in zip(params, states):
-            if 'kahan_comp' not in st: st['kahan_comp'] = torch.zeros_like(p); changed = True
-    if b.static is None: b.static = _static_table(b); b.bufs = b.static.copy()
-    bufs = b.bufs   # kept across steps (its address too); the static rows stay valid while `_check` passes
-    bufs[1] = [g.data_ptr() for g in grads]
+    n = len(params)
+    changed = _prepare(b) if b.static is None else False
     new = {k: [torch.empty_like(p, dtype=b.storage) for p in params] for k in prog.new_keys}
-    for j,k in enumerate(prog.new_keys): bufs[2 + len(b.buffer_keys) + j] = [t.data_ptr() for t in new[k]]
-    keys = None
+    keys = step = None
     if b.rounding == 'stochastic':
         step = np.fromiter((st.get('rounding_step', 0) + 1 for st in states), np.int64, n)
         seed = opt.seed & 0xFFFFFFFF
         keys = np.ascontiguousarray(mix32(mix32(mix32(np.int64(seed)) ^ step) ^ b.indices).astype(np.uint32))
-    P = b.P
-    if prog.scalar_index: P.fill(0)
-    for j,k in enumerate(b.scalar_keys):
-        node = prog.tr.index.get(('ptin', (j,), 't'))
-        if node is not None: P[:, prog.scalar_index[node]] = [float(s[k]) for s in states]
-    b.S[:len(slots)] = slots
-    b.fn(len(b.items), b.addr['items'], n, b.addr['first'], b.addr_of(bufs), b.addr['numel'], b.addr['S'],
-         b.addr['P'], b.addr['partial'], keys.ctypes.data if keys is not None else None, b.nthreads)
-    if b.written is None:
-        b.written = [t for w in prog.writes for t in (params if w == 0 else [s[b.buffer_keys[w-2]] for s in states]
-                                                      if w < 2 + len(b.buffer_keys) else [])]
-    if b.written: torch.autograd.graph.increment_version(b.written)
+    if b.backend == 'foreach': scalars = _run_foreach(b, grads, slots, new, keys)
+    else: scalars = _run_kernel(b, grads, slots, new, keys)
     for (k,_),v in zip(prog.number_out, numbers):
         for s in states: s[k] = v
     if prog.python_out:
@@ -194,13 +196,46 @@ def _run(b:Bucket, opt, grads:list, numbers:tuple):
     if prog.scalar_out:
         if b.scalar_store is None or b.scalar_store.shape != (len(prog.scalar_out), n):
             b.scalar_store = torch.empty(len(prog.scalar_out), n, dtype=compute_dtype(params[0].dtype)
-                                         if params[0].is_complex() else b.storage)
-        b.scalar_store.copy_(torch.from_numpy(P[:, [prog.scalar_index[node] for _,node in prog.scalar_out]].T))
+                                         if params[0].is_complex() else b.storage, device=b.device)
+        b.scalar_store.copy_(scalars)
         for j,(k,_) in enumerate(prog.scalar_out):
             for i,s in enumerate(states): s[k] = b.scalar_store[j, i]
         changed = True
     if prog.new_keys: b.stale = True   # new state: the next step plans this group again (and traces the new state)
     elif changed: _refresh(b)
+
+def _run_kernel(b:Bucket, grads:list, slots:tuple, new:dict, keys) -> Tensor|None:
+    "Call the C kernel; returns the per-tensor outputs, one row each"
+    prog, states, params = b.prog, b.states, b.params
+    n = len(params)
+    bufs = b.static.copy()
+    bufs[1] = [g.data_ptr() for g in grads]
+    for j,k in enumerate(prog.new_keys): bufs[2 + len(b.buffer_keys) + j] = [t.data_ptr() for t in new[k]]
+    P = np.zeros((n, max(len(prog.scalar_index), 1)), np.float64)
+    for j,k in enumerate(b.scalar_keys):
+        node = prog.tr.index.get(('ptin', (j,), 't'))
+        if node is not None: P[:, prog.scalar_index[node]] = [float(s[k]) for s in states]
+    partial = np.empty((len(b.items), max(len(prog.sums), 1)), np.float64)
+    S = np.asarray(slots, np.float64)
+    b.fn(len(b.items), b.items.ctypes.data, n, b.first.ctypes.data, bufs.ctypes.data, b.numel.ctypes.data,
+         S.ctypes.data if len(S) else None, P.ctypes.data, partial.ctypes.data,
+         keys.ctypes.data if keys is not None else None, b.nthreads)
+    if b.written is None:
+        b.written = [t for w in prog.writes for t in (params if w == 0 else [s[b.buffer_keys[w-2]] for s in states]
+                                                      if w < 2 + len(b.buffer_keys) else [])]
+    if b.written: torch.autograd.graph.increment_version(b.written)   # torch cannot see what C wrote
+    if not prog.scalar_out: return None
+    return torch.from_numpy(P[:, [prog.scalar_index[node] for _,node in prog.scalar_out]].T)
+
+def _run_foreach(b:Bucket, grads:list, slots:tuple, new:dict, keys) -> Tensor|None:
+    "Run the foreach interpreter (its torch operations bump the version counters); returns the per-tensor outputs"
+    st, T = b.static, b.cdt
+    bufs = [st['params'], [real_view(g) for g in grads], *st['state'],
+            *([real_view(t) for t in new[k]] for k in b.prog.new_keys)]
+    ptin = [torch.stack([s[k].detach().reshape(()) for s in b.states]).to(T) for k in b.scalar_keys]
+    out = b.fn(bufs, slots, ptin, st['numel'], st['comps'], None if keys is None else keys.tolist())
+    if not b.prog.scalar_out: return None
+    return torch.stack([out[node] for _,node in b.prog.scalar_out])
 
 # %% ../../nbs/08_fusion.ipynb #dad83224
 class GroupPlan:
@@ -214,10 +249,11 @@ class GroupPlan:
                 self.rest.append(p); self.reasons.append(why or "state that is neither tensors like the parameter nor numbers")
                 continue
             numbers = tuple(opt.state[p][e[0]] for e in key if e[1] == 'number')   # one bucket shares them
-            by_key.setdefault((p.dtype, p.grad.dtype, key, numbers), []).append(p)
+            backend = backend_for(opt.execution, p.device)
+            by_key.setdefault((p.device, backend, p.dtype, p.grad.dtype, key, numbers), []).append(p)
         self.buckets = []
-        for (_,_,key,_),ps in by_key.items():
-            try: self.buckets.append(Bucket(opt, ps, key, hyper, [index[id(p)] for p in ps]))
+        for (_,backend,_,_,key,_),ps in by_key.items():
+            try: self.buckets.append(Bucket(opt, ps, key, hyper, [index[id(p)] for p in ps], backend))
             except NotTraceable as e: self.rest += ps; self.reasons.append(str(e))
         self.ids = tuple(map(id, params))
         self.hyper_key = _hyper_key(hyper)
@@ -226,7 +262,7 @@ class GroupPlan:
 
 def _settings_key(opt) -> tuple:
     "The settings a plan was made for"
-    return (opt.update_rounding, opt.state_dtype, opt.seed)
+    return (opt.execution, opt.update_rounding, opt.state_dtype, opt.seed)
 
 def _hyper_key(hyper:dict) -> tuple:
     "What a trace assumed of the hyper-parameters: which are numbers, and the other values"
