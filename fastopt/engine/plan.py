@@ -204,21 +204,34 @@ def _run(b:Bucket, opt, grads:list, numbers:tuple):
     if prog.new_keys: b.stale = True   # new state: the next step plans this group again (and traces the new state)
     elif changed: _refresh(b)
 
+def _kernel_arrays(b:Bucket) -> dict:
+    "The arrays the kernel reads and writes, and their addresses: made once per static table, reused every step"
+    a = b.__dict__.get('_arrays')
+    if a is None or a['static'] is not b.static:
+        prog = b.prog
+        a = dict(static=b.static, bufs=b.static.copy(), P=np.zeros((len(b.params), max(len(prog.scalar_index), 1))),
+                 partial=np.empty((len(b.items), max(len(prog.sums), 1))), S=np.zeros(max(len(prog.slots), 1)),
+                 items=b.items, first=b.first, numel=b.numel)
+        a['addr'] = {k: v.ctypes.data for k,v in a.items() if isinstance(v, np.ndarray) and k != 'static'}
+        b._arrays = a
+    return a
+
 def _run_kernel(b:Bucket, grads:list, slots:tuple, new:dict, keys) -> Tensor|None:
     "Call the C kernel; returns the per-tensor outputs, one row each"
     prog, states, params = b.prog, b.states, b.params
     n = len(params)
-    bufs = b.static.copy()
+    a = _kernel_arrays(b)
+    bufs = a['bufs']
     bufs[1] = [g.data_ptr() for g in grads]
     for j,k in enumerate(prog.new_keys): bufs[2 + len(b.buffer_keys) + j] = [t.data_ptr() for t in new[k]]
-    P = np.zeros((n, max(len(prog.scalar_index), 1)), np.float64)
+    P = a['P']
+    if prog.scalar_index: P.fill(0)
     for j,k in enumerate(b.scalar_keys):
         node = prog.tr.index.get(('ptin', (j,), 't'))
         if node is not None: P[:, prog.scalar_index[node]] = [float(s[k]) for s in states]
-    partial = np.empty((len(b.items), max(len(prog.sums), 1)), np.float64)
-    S = np.asarray(slots, np.float64)
-    b.fn(len(b.items), b.items.ctypes.data, n, b.first.ctypes.data, bufs.ctypes.data, b.numel.ctypes.data,
-         S.ctypes.data if len(S) else None, P.ctypes.data, partial.ctypes.data,
+    a['S'][:len(slots)] = slots
+    ad = a['addr']
+    b.fn(len(b.items), ad['items'], n, ad['first'], ad['bufs'], ad['numel'], ad['S'], ad['P'], ad['partial'],
          keys.ctypes.data if keys is not None else None, b.nthreads)
     if b.written is None:
         b.written = [t for w in prog.writes for t in (params if w == 0 else [s[b.buffer_keys[w-2]] for s in states]
