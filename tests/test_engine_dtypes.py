@@ -184,20 +184,11 @@ def _moved(groups, dtype) -> bool:
 @pytest.mark.parametrize('name', list(OPTIMIZERS))
 def test_fused_matches_per_parameter_in_low_precision(name, dtype, rounding, state_dtype):
     agree = Agreement()
-    fused, _, fg, _ = fused_and_reference(OPTIMIZERS[name], SHAPES3, 6, dtype, rounding, state_dtype, agree=agree,
-                                          rel=rel_for(name))   # 6 steps: RAdam's rectification switches on at 6
+    fused, _, fg, _ = fused_and_reference(OPTIMIZERS[name], SHAPES3, 100, dtype, rounding, state_dtype, agree=agree,
+                                          rel=rel_for(name))   # RAdam rectifies from step 6
     assert agree.fraction >= 0.99, f'only {agree.fraction:.4%} of {agree.total} stored 16-bit values agree exactly'
-    check_storage(fused, fg, dtype, rounding, state_dtype, 6)
+    check_storage(fused, fg, dtype, rounding, state_dtype, 100)
     assert _moved(fg, dtype), 'the run must have moved the weights'
-
-@pytest.mark.parametrize('rounding', roundings)
-@pytest.mark.parametrize('name', ['Adam', 'Lamb', 'ranger'])
-def test_fused_matches_per_parameter_over_100_bf16_steps(name, rounding):
-    agree = Agreement()
-    fused, _, fg, _ = fused_and_reference(OPTIMIZERS[name], SHAPES3, 100, BF16, rounding, agree=agree,
-                                          rel=rel_for(name))
-    assert agree.fraction >= 0.99, f'only {agree.fraction:.4%} of {agree.total} stored 16-bit values agree exactly'
-    check_storage(fused, fg, BF16, rounding, None, 100)
 
 @pytest.mark.parametrize('name', ['Adam', 'Lamb', 'ranger'])
 def test_fused_and_per_parameter_runs_stay_together_over_100_bf16_steps(name, rounding='stochastic'):
@@ -262,10 +253,10 @@ def test_mixed_dtypes_fused_matches_per_parameter(name, mix):
     dtype, grad_dtype, state_dtype = MIXED[mix]
     rounding = 'stochastic' if dtype == FP16 else 'kahan'
     agree = Agreement()
-    fused, _, fg, _ = fused_and_reference(OPTIMIZERS[name], SHAPES3, 6, dtype, rounding, state_dtype, grad_dtype,
+    fused, _, fg, _ = fused_and_reference(OPTIMIZERS[name], SHAPES3, 30, dtype, rounding, state_dtype, grad_dtype,
                                           agree=agree, rel=rel_for(name))
     assert agree.fraction >= 0.99, f'only {agree.fraction:.4%} of {agree.total} stored 16-bit values agree exactly'
-    check_storage(fused, fg, dtype, rounding, state_dtype, 6)
+    check_storage(fused, fg, dtype, rounding, state_dtype, 30)
     for p in _flat(fg): assert p.grad.dtype == grad_dtype   # the gradients were not converted in place
     assert _moved(fg, dtype)
 
