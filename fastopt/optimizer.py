@@ -8,6 +8,7 @@ import functools, math, numbers, warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 import copy
+from operator import attrgetter
 from .engine.trace import is_number
 import numpy as np
 import torch
@@ -587,9 +588,14 @@ def _step_lists(self:Optimizer, to_step:list):
 Optimizer.step = torch._disable_dynamo(Optimizer.step)
 
 
+_layout_of, _shape_of, _STRIDED = attrgetter('layout'), attrgetter('shape'), {torch.strided}
+
 def _check_gradients(param_lists:list, to_step:list):
     "Raise a `TypeError` naming the first parameter whose gradient a step cannot use, before anything changes"
     for i,(ps,todo) in enumerate(zip(param_lists, to_step)):
+        grads = [p.grad for p in todo]   # the common case checked over whole lists (this runs every step)
+        if set(map(_layout_of, grads)) <= _STRIDED and list(map(_shape_of, grads)) == list(map(_shape_of, todo)) \
+           and list(map(Tensor.is_complex, grads)) == list(map(Tensor.is_complex, todo)): continue
         for p in todo:
             g = p.grad
             if g.layout is not torch.strided or g.shape != p.shape or g.is_complex() != p.is_complex():

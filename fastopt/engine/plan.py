@@ -6,6 +6,8 @@
 from __future__ import annotations
 import numpy as np
 import torch
+from itertools import repeat
+from operator import attrgetter, is_not
 from torch import Tensor
 from .trace import NotTraceable, Program, trace, is_number
 from .cpu import Layout, compile_kernel, kernel_source
@@ -114,22 +116,29 @@ class Bucket:
 # %% ../../nbs/08_fusion.ipynb #9966f74e
 def _check(b:Bucket, state:dict) -> list|None:
     "This step's gradients for `b`, ready for the kernel, or `None` if the bucket no longer fits the optimizer's `state`"
+    # Each test runs over the whole bucket in C (`map`), not a Python loop per tensor: this runs every step.
     if b.stale: return None
-    grads, gdt, keys, n, strided = [], b.gdt, b.row_keys, b.n_entries, torch.strided
-    for p, st, shape, row in zip(b.params, b.states, b.shapes, b.row_ids):
-        # the same state dict, entries and tensors (by identity: `rows` keeps them alive, so ids are not reused)
-        if state.get(p) is not st or len(st) - _n_reserved(st) != n or list(map(id, map(st.get, keys))) != row:
-            return None
-        g = p.grad
-        if g is None or type(g) is not Tensor or g.dtype is not gdt or g.shape != shape or g.layout is not strided \
-           or g.device != b.device:
-            return None
-        grads.append(g if g.is_contiguous() else g.contiguous())
-    if [p.data_ptr() for p in b.params] != b.pptrs: return None   # a replaced `.data`
+    params, states = b.params, b.states
+    # the same state dicts, with as many entries, holding the same tensors (by identity: `rows` keeps them alive,
+    # so ids are not reused)
+    if any(map(is_not, map(state.get, params), states)) or list(map(len, states)) != b.lens: return None
+    for k, ids in zip(b.row_keys, b.row_ids):
+        if list(map(id, map(dict.get, states, repeat(k)))) != ids: return None
+    grads = list(map(_grad_of, params))
+    # (the step checked that every gradient is dense and shaped like its parameter before planning)
+    if set(map(type, grads)) != _JUST_TENSOR or set(map(_dtype_of, grads)) != {b.gdt} \
+       or list(map(_shape_of, grads)) != b.shapes: return None
+    if not (all(map(_is_cpu, grads)) if b.device.type == 'cpu' else set(map(_device_of, grads)) == {b.device}):
+        return None
+    if not all(map(Tensor.is_contiguous, grads)): grads = [g.contiguous() for g in grads]
+    if list(map(Tensor.data_ptr, params)) != b.pptrs: return None   # a replaced `.data`
     if b.number_keys:
-        first = tuple(map(b.states[0].get, b.number_keys))
-        if any(tuple(map(st.get, b.number_keys)) != first for st in b.states): return None
+        for k in b.number_keys:   # one bucket shares its numbers (a step count)
+            if set(map(dict.get, states, repeat(k))) != {states[0][k]}: return None
     return grads
+
+_grad_of, _dtype_of, _shape_of = attrgetter('grad'), attrgetter('dtype'), attrgetter('shape')
+_is_cpu, _device_of, _JUST_TENSOR = attrgetter('is_cpu'), attrgetter('device'), {Tensor}
 
 def _numbers(b:Bucket, hyper:dict) -> tuple|None:
     "The slots and numeric outputs of `b`'s program at this step, or `None` if a guard of its trace fails"
@@ -145,14 +154,12 @@ def _static_table(b:Bucket) -> np.ndarray:
     if b.rounding == 'kahan': bufs[-1] = [st['kahan_comp'].data_ptr() for st in states]
     return bufs
 
-def _n_reserved(st:dict) -> int: return ('kahan_comp' in st) + ('rounding_step' in st)
-
 def _refresh(b:Bucket):
     "Record the state `b` has after a step that created or replaced state tensors"
     b.row_keys = b.buffer_keys + b.scalar_keys + [k for k in ('kahan_comp',) if k in b.states[0]]
     b.rows = [tuple(map(st.get, b.row_keys)) for st in b.states]
-    b.row_ids = [list(map(id, r)) for r in b.rows]
-    b.n_entries = len(b.key)
+    b.row_ids = [[id(r[j]) for r in b.rows] for j in range(len(b.row_keys))]   # per entry, over the tensors
+    b.lens = list(map(len, b.states))
     b.static = None
 
 def _prepare(b:Bucket) -> bool:
@@ -269,7 +276,9 @@ class GroupPlan:
             try: self.buckets.append(Bucket(opt, ps, key, hyper, [index[id(p)] for p in ps], backend))
             except NotTraceable as e: self.rest += ps; self.reasons.append(str(e))
         self.ids = tuple(map(id, params))
-        self.hyper_key = _hyper_key(hyper)
+        self.hyper_key, self.hyper_names = _hyper_key(hyper), tuple(hyper)
+        self.hyper_types = tuple(map(type, hyper.values()))
+        self.hyper_others = tuple((k, v) for k,v in hyper.items() if not is_number(v))
         self.settings = _settings_key(opt)
         self.ready = []   # (bucket, gradients, numbers) for this step, filled by `Planner.plan`
 
@@ -280,6 +289,15 @@ def _settings_key(opt) -> tuple:
 def _hyper_key(hyper:dict) -> tuple:
     "What a trace assumed of the hyper-parameters: which are numbers, and the other values"
     return tuple((k, None) if is_number(v) else (k, v) for k,v in hyper.items())
+
+def _same_hypers(gp, hyper:dict) -> bool:
+    "Whether `hyper` fits what `gp`'s traces assumed; cheap when the types are those of the last step (the usual case)"
+    types = tuple(map(type, hyper.values()))
+    if types == gp.hyper_types and tuple(hyper) == gp.hyper_names:
+        return all(hyper[k] == v for k,v in gp.hyper_others)
+    if _hyper_key(hyper) != gp.hyper_key: return False
+    gp.hyper_types = types   # an int became a float (say): still numbers
+    return True
 
 class Planner:
     "The cached plans of an optimizer's groups"
@@ -299,7 +317,7 @@ class Planner:
         "The plan for group `i` stepping `params` (with gradients) with `hyper`, reused when it still fits"
         ids = tuple(map(id, params))
         gp = self.plans.get((i, ids))   # several subsets of a group may be stepped in turn (gradient release)
-        if gp is not None and gp.ids == ids and gp.hyper_key == _hyper_key(hyper) and gp.settings == _settings_key(opt) \
+        if gp is not None and gp.ids == ids and _same_hypers(gp, hyper) and gp.settings == _settings_key(opt) \
            and self._ready(opt, gp, hyper): return gp
         index = {id(p): j for j,p in enumerate(q for g in opt.param_groups for q in g['params'])}
         self.builds += 1
