@@ -787,6 +787,8 @@ def load_state_dict(self:Optimizer,
     state_dict:dict # From `state_dict()`, possibly through `torch.save`/`torch.load`
 ):
     "Load `state_dict` if it fits this optimizer; otherwise raise `ValueError` and change nothing"
+    # hooks get a shallow copy, as torch's: one that edits the dict it is given must not edit the caller's
+    if isinstance(state_dict, Mapping): state_dict = dict(state_dict)
     for hook in self._optimizer_load_state_dict_pre_hooks.values():
         res = hook(self, state_dict)
         if res is not None: state_dict = res

@@ -96,6 +96,16 @@ def test_step_hooks_fire(make_opt):
     _loss(model, _batches(1)[0]).backward(); opt.step()
     assert calls == ['pre', 'post']
 
+def test_load_pre_hooks_edit_a_copy_of_the_callers_dict():
+    # as torch.optim does: a pre-hook may edit the dict it is given (here: drop the fastai-style extra key it added)
+    # without the caller's checkpoint changing under it
+    model = _model(); opt = Adam(model.parameters(), lr=1e-2)
+    _loss(model, _batches(1)[0]).backward(); opt.step()
+    sd = opt.state_dict(); sd['extra'] = 'kept by the caller'
+    opt.register_load_state_dict_pre_hook(lambda o, d: d.pop('extra') and None)
+    opt.load_state_dict(sd)
+    assert sd['extra'] == 'kept by the caller'
+
 @pytest.mark.parametrize('make_opt', list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
 def test_save_load_round_trip_with_scheduler(make_opt):
     batches = _batches(10)
