@@ -327,7 +327,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # hooks are not pickled; checks are rebuilt from the callbacks (a user's check may be a lambda)
-        return {k: v for k,v in self.__dict__.items() if not k.startswith('_optimizer_') and k not in ('_hyper_checks', '_planner')}
+        return {k: v for k,v in self.__dict__.items() if not k.startswith('_optimizer_') and k not in ('_hyper_checks', '_planner', '_positions')}
     def __setstate__(self, state:dict):
         had_flag = 'differentiable' in state.get('defaults', {})
         super().__setstate__(state)
@@ -552,15 +552,27 @@ def step(self:Optimizer,
     return loss
 
 @patch
+def _position(self:Optimizer, p:Tensor) -> tuple[int, int]|None:
+    "`(group, index)` of parameter `p`, or `None`: O(1) per call (gradient release calls it for every parameter)"
+    pos = self.__dict__.get('_positions', {}).get(id(p))
+    groups = self.param_groups
+    if pos is None or pos[0] >= len(groups) or pos[1] >= len(groups[pos[0]]['params']) or groups[pos[0]]['params'][pos[1]] is not p:
+        # the groups changed since the table was made (or `p` is not a parameter): make it again
+        self.__dict__['_positions'] = {id(q): (i, j) for i,g in enumerate(groups) for j,q in enumerate(g['params'])}
+        pos = self._positions.get(id(p))
+    return pos
+
+@patch
 @torch.no_grad()
 def step_parameters(self:Optimizer,
     params:Iterable # Some of the optimizer's parameters
 ):
     "Step only `params` (those that have a gradient and are not frozen) exactly as `step` steps them"
     wanted = {id(p): p for p in (params if not isinstance(params, Tensor) else [params])}
-    to_step = [[p for p in g['params'] if id(p) in wanted] for g in self.param_groups]
-    if sum(map(len, to_step)) != len(wanted):
-        raise ValueError("step_parameters got tensors that are not parameters of this optimizer")
+    where = [self._position(p) for p in wanted.values()]
+    if None in where: raise ValueError("step_parameters got tensors that are not parameters of this optimizer")
+    to_step = [[] for _ in self.param_groups]
+    for i,j in sorted(where): to_step[i].append(self.param_groups[i]['params'][j])   # in the groups' order, as `step`
     frozen = self._frozen() if self.frozen_idx else ()
     self._step_lists([[p for p in ps if p.grad is not None and p not in frozen] for ps in to_step])
 

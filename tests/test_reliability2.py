@@ -236,3 +236,20 @@ def test_step_parameters_steps_a_subset_exactly_as_step_does():
         ob.step()
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     with pytest.raises(ValueError, match='not parameters of this optimizer'): oa.step_parameters([torch.randn(2)])
+
+def test_step_parameters_follows_changes_to_the_groups():
+    # step_parameters finds a parameter in O(1) from a table; the table must follow every change to the groups
+    ps = [torch.randn(4) for _ in range(4)]
+    opt = SGD(ps[:2], lr=0.5)
+    for p in ps: p.grad = torch.ones(4)
+    before = [p.clone() for p in ps]
+    opt.step_parameters([ps[1]])   # the table is made here
+    opt.add_param_group({'params': ps[2:], 'lr': 0.25})
+    opt.step_parameters([ps[3], ps[2]])
+    assert torch.equal(ps[1], before[1] - 0.5) and torch.equal(ps[2], before[2] - 0.25) and torch.equal(ps[3], before[3] - 0.25)
+    assert torch.equal(ps[0], before[0])
+    removed = opt.param_groups[0]['params'].pop(1)   # a parameter taken out of its group is no longer the optimizer's
+    with pytest.raises(ValueError, match='not parameters of this optimizer'): opt.step_parameters([removed])
+    opt.param_groups[1]['params'].reverse()   # moved inside its group: found at its new place
+    opt.step_parameters([ps[2]])
+    assert torch.equal(ps[2], before[2] - 0.5)
