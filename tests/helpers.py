@@ -43,3 +43,21 @@ def zoo():
         'ranger': lambda ps: fastopt.ranger(ps, lr=1e-2, k=3),
         'OptimWrapper': _optim_wrapper,
     }
+
+def train_then_freeze(opt, groups, grads):
+    "Freeze the first group, `zero_grad(set_to_none=False)` (the frozen group keeps zeroed gradients), train on"
+    flat = [p for g in groups for p in g]
+    opt.freeze(); opt.zero_grad(set_to_none=False)
+    for step_grads in grads:
+        for p, g in zip(flat, step_grads):
+            if p.requires_grad: p.grad = g.clone()
+        opt.step()
+    return flat
+
+def plain_torch_run(opt, groups, grads, n_frozen_after):
+    "Step torch optimizer `opt`; after `n_frozen_after` steps the first group gets no gradient (what torch expects)"
+    flat, frozen = [p for g in groups for p in g], {id(p) for p in groups[0]}
+    for i, step_grads in enumerate(grads):
+        for p, g in zip(flat, step_grads): p.grad = None if i >= n_frozen_after and id(p) in frozen else g.clone()
+        opt.step()
+    return flat

@@ -5,7 +5,7 @@ from torch import nn
 import fastai.optimizer as fai
 import fastopt
 from fastopt import Lookahead, ranger, SGD, Adam, RAdam
-from helpers import SHAPES, make_groups, gradient_stream, run
+from helpers import SHAPES, make_groups, gradient_stream, run, train_then_freeze, plain_torch_run
 
 N_STEPS = 200
 K_ALPHA = [(1, 1.0), (5, 0.5), (6, 0.8), (3, 0.3)]
@@ -226,24 +226,6 @@ TORCH_INNER = {
     'OptimWrapper-AdamW': lambda groups: fastopt.OptimWrapper(groups, torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
 }
 
-def _train_then_freeze(opt, groups, grads):
-    "Freeze the first group, `zero_grad(set_to_none=False)` (the frozen group keeps zeroed gradients), train on"
-    flat = [p for g in groups for p in g]
-    opt.freeze(); opt.zero_grad(set_to_none=False)
-    for step_grads in grads:
-        for p, g in zip(flat, step_grads):
-            if p.requires_grad: p.grad = g.clone()
-        opt.step()
-    return flat
-
-def _run_first_group_gradless_after(opt, groups, grads, n):
-    "Step `opt`; after `n` steps the first group gets no gradient (what a torch optimizer expects of frozen ones)"
-    flat, first = [p for g in groups for p in g], {id(p) for p in groups[0]}
-    for i, step_grads in enumerate(grads):
-        for p, g in zip(flat, step_grads): p.grad = None if i >= n and id(p) in first else g.clone()
-        opt.step()
-    return flat
-
 def _torch_state(opt):
     inner = opt.opt.opt if isinstance(opt.opt, fastopt.OptimWrapper) else opt.opt
     return {id(p): {k: v.clone() for k, v in s.items()} for p, s in inner.state.items()}
@@ -256,7 +238,7 @@ def test_frozen_parameters_never_move_over_torch_optimizer(inner, k, alpha):
     opt = Lookahead(TORCH_INNER[inner](ours), k=k, alpha=alpha)
     run(opt, ours, grads[:4])                       # a mid-cycle freeze for k=3, with AdamW state for every param
     frozen, state = [p.clone() for p in ours[0]], _torch_state(opt)
-    _train_then_freeze(opt, ours, grads[4:])
+    train_then_freeze(opt, ours, grads[4:])
     for p, f in zip(ours[0], frozen): assert torch.equal(p, f)        # no decay, no momentum, no sync drift
     after = _torch_state(opt)
     for p in ours[0]:                                                # their state is untouched
@@ -266,7 +248,7 @@ def test_frozen_parameters_never_move_over_torch_optimizer(inner, k, alpha):
     # alpha = 1 that is a plain torch AdamW); unfrozen, the first group would be synchronised, frozen it is not
     ref_opt = TORCH_INNER['torch-AdamW'](ref)
     if alpha != 1.0: ref_opt = Lookahead(ref_opt, k=k, alpha=alpha)
-    _run_first_group_gradless_after(ref_opt, ref, grads, 4)
+    plain_torch_run(ref_opt, ref, grads, 4)
     for a, b in zip(ref[1], ours[1]): assert torch.equal(a, b)
 
 # ---- state-dict hooks registered on the Lookahead run, as torch runs them ----

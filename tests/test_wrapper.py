@@ -3,7 +3,7 @@ import io, pytest, torch
 from torch import nn
 import fastai.optimizer as fai
 from fastopt import OptimWrapper, Lookahead
-from helpers import SHAPES, make_groups, gradient_stream, run
+from helpers import SHAPES, make_groups, gradient_stream, run, train_then_freeze, plain_torch_run
 
 CTORS = [(torch.optim.SGD, dict(lr=1e-2, momentum=0.9, weight_decay=1e-2)),
          (torch.optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.99))),
@@ -60,24 +60,6 @@ def test_freeze_and_force_train_flags():
 # ---- frozen parameters: a wrapped torch optimizer never moves them ----
 
 FROZEN_SHAPES = [[(5, 4), (4,)], [(3,), (2, 2)]]
-
-def train_then_freeze(opt, groups, grads):
-    "Freeze the first group, `zero_grad(set_to_none=False)` (the frozen group keeps zeroed gradients), train on"
-    flat = [p for g in groups for p in g]
-    opt.freeze(); opt.zero_grad(set_to_none=False)
-    for step_grads in grads:
-        for p, g in zip(flat, step_grads):
-            if p.requires_grad: p.grad = g.clone()
-        opt.step()
-    return flat
-
-def plain_torch_run(opt, groups, grads, n_frozen_after):
-    "Step torch optimizer `opt`; after `n_frozen_after` steps the first group gets no gradient (what torch expects)"
-    flat, frozen = [p for g in groups for p in g], {id(p) for p in groups[0]}
-    for i, step_grads in enumerate(grads):
-        for p, g in zip(flat, step_grads): p.grad = None if i >= n_frozen_after and id(p) in frozen else g.clone()
-        opt.step()
-    return flat
 
 def torch_state(opt, ps):
     "Copies of the torch optimizer's state of `ps`"
