@@ -73,13 +73,16 @@ def test_triton_matches_per_parameter_in_low_precision(name, dtype, rounding, st
     check_storage(fused, fg, dtype, rounding, state_dtype, 3)
     assert _backends(fused) == {'triton'}
 
-@pytest.mark.parametrize('name', ['SGD', 'ranger', 'composed'])
-def test_triton_matches_per_parameter_in_bf16_with_each_rounding(name):
+@pytest.mark.parametrize('dtype', LOW, ids=['bf16', 'fp16'])
+@pytest.mark.parametrize('name', [n for n in OPTIMIZERS if n not in ('Adam', 'Lamb')])
+def test_triton_matches_per_parameter_in_low_precision_with_each_rounding(name, dtype):
+    "Every other optimizer: 16-bit parameters and state, each rounding"
     for rounding in roundings:
         agree = Agreement()
-        fused, _, fg, _ = fused_and_reference(OPTIMIZERS[name], SHAPES3, 3, torch.bfloat16, rounding, agree=agree,
+        fused, _, fg, _ = fused_and_reference(OPTIMIZERS[name], SHAPES3, 3, dtype, rounding, agree=agree,
                                               rel=rel_for(name))
-        assert agree.fraction >= 0.99 and _backends(fused) == {'triton'}
+        assert agree.fraction >= 0.99 and _backends(fused) == {'triton'}, rounding
+        check_storage(fused, fg, dtype, rounding, None, 3)
 
 def _run_with(backend, monkeypatch, make, dtype, rounding, n_steps, state_dtype=None):
     monkeypatch.setenv('FASTOPT_FUSED_BACKEND', backend)
@@ -170,6 +173,15 @@ def test_backend_choice(monkeypatch):
     assert plan.backend_for('auto', cpu) == 'cpu'
     monkeypatch.setattr(ftriton, 'triton_available', lambda: False)
     assert plan.backend_for('auto', cuda) == 'foreach' and plan.backend_for('fused', cuda) == 'foreach'
+
+def test_an_unknown_backend_name_is_a_value_error_before_anything_changes(monkeypatch):
+    groups = make_groups(SHAPES3)
+    opt = Adam(groups, lr=1e-3)
+    run(opt, groups, grad_stream(groups, 1))
+    before = [p.detach().clone() for p in _flat(groups)]
+    monkeypatch.setenv('FASTOPT_FUSED_BACKEND', 'trition')
+    with pytest.raises(ValueError, match='FASTOPT_FUSED_BACKEND'): run(opt, groups, grad_stream(groups, 1))
+    assert all(torch.equal(p, q) for p, q in zip(_flat(groups), before))
 
 def test_the_environment_variable_is_read_when_a_step_is_planned(monkeypatch):
     groups = make_groups(SHAPES3)

@@ -40,7 +40,10 @@ def backend_for(execution:str, device:torch.device) -> str:
     "The backend that runs a bucket on `device` under `execution`: 'cpu' (the C kernel), 'triton' or 'foreach'"
     if execution == 'foreach' or not has_emitter(device): return 'foreach'
     if device.type != 'cpu': return 'triton'
-    return 'triton' if os.environ.get('FASTOPT_FUSED_BACKEND', '').lower() == 'triton' else 'cpu'
+    forced = os.environ.get('FASTOPT_FUSED_BACKEND', '').strip().lower()
+    if forced not in ('', 'c', 'cpu', 'triton'):
+        raise ValueError(f"FASTOPT_FUSED_BACKEND={forced!r}: expected 'triton', 'c' or 'cpu' (or unset)")
+    return 'triton' if forced == 'triton' else 'cpu'
 
 _CHUNK = 16384   # elements per work item: enough to amortize a chunk's set-up, few enough to balance threads
 

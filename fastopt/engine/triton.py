@@ -292,6 +292,17 @@ class TritonRunner:
                              for k,_,_ in self.phases}
         self.between_phases = None   # called with the [n_tensors, n_sums] float64 sums before a phase reads them
         self._tables = None
+        if self.target == 'gpu': self._warmup()
+
+    def _warmup(self):
+        "Compile the GPU kernels now, so that one Triton cannot build sends the bucket elsewhere before a step changes anything"
+        i64 = lambda: torch.zeros(2, dtype=torch.int64, device=self.device)
+        f64 = lambda: torch.zeros(2, dtype=torch.float64, device=self.device)
+        try:
+            for _, fn, _ in self.phases:
+                fn.warmup(i64(), i64(), i64(), f64(), f64(), f64(), f64(), f64(), i64(), 2, grid=(1,), BLOCK=self.block,
+                          enable_fp_fusion=False)
+        except Exception as e: raise NotTraceable(f"Triton could not compile a fused kernel ({type(e).__name__}: {e})") from e
 
     def __repr__(self): return f"TritonRunner({len(self.phases)} launches per step, {self.layout}, {self.target})"
 
