@@ -113,6 +113,23 @@ def test_kahan_and_nearest_are_bit_equal_to_the_c_kernel_for_adam(monkeypatch):
             assert torch.equal(p.view(torch.int16), q.view(torch.int16))
             if rounding == 'kahan': assert torch.equal(tri.state[p]['kahan_comp'], c.state[q]['kahan_comp'])
 
+def test_unaligned_tensors():
+    "Parameters and state at addresses that are not multiples of 16 bytes run the kernels built without that hint"
+    def make_unaligned(dtype):
+        return [[torch.randn(s[0] * s[1] + 1 if len(s) == 2 else s[0] + 1).to(dtype)[1:].view(s) for s in g]
+                for g in [[(5, 4), (33,)], [(7,)]]]
+    for dtype, state_dtype in ((torch.float32, None), (torch.bfloat16, torch.bfloat16)):
+        groups = make_unaligned(dtype)
+        ref_groups = [[p.clone() for p in g] for g in groups]
+        assert all(p.data_ptr() % 16 for p in _flat(groups))
+        opt, ref = Adam(groups, lr=1e-2, state_dtype=state_dtype), Adam(ref_groups, lr=1e-2, state_dtype=state_dtype)
+        opt.execution, ref.execution = 'fused', 'per_param'
+        grads = grad_stream(groups, 3)
+        run(opt, groups, grads); run(ref, ref_groups, grads)
+        assert _backends(opt) == {'triton'} and opt.execution_counts['per_param'] == 0
+        rel = 1e-6 if dtype == torch.float32 else 1e-2
+        assert _relative_error(_flat(groups), _flat(ref_groups)) < rel
+
 def test_float64_and_complex():
     for dtype, tol in ((torch.float64, 1e-13), (torch.complex64, 1e-6)):
         for name in ('Adam', 'Lamb'):
@@ -223,11 +240,13 @@ def test_gpu_kernels_compile_for_an_h100(monkeypatch, tmp_path):
         opt.execution, opt.update_rounding, opt.state_dtype = 'fused', rounding, state_dtype
         run(opt, groups, grad_stream(groups, 2))
         for b in _buckets(opt):
-            for _, src in ftriton.kernel_sources(b.prog, b.layout, 'gpu'):
-                fn = ftriton.compile_phase(src, 'gpu')
-                k = triton.compile(triton.compiler.ASTSource(fn, ftriton.ARGUMENT_TYPES, constexprs={'BLOCK': 1024}),
-                                   target=GPUTarget('cuda', 90, 32), options=dict(enable_fp_fusion=False))
-                assert k.asm['cubin'], (name, dtype, rounding)
+            for aligned in (False, True):
+                for _, src in ftriton.kernel_sources(b.prog, b.layout, 'gpu', aligned):
+                    fn = ftriton.compile_phase(src, 'gpu')
+                    k = triton.compile(triton.compiler.ASTSource(fn, ftriton.ARGUMENT_TYPES, constexprs={'BLOCK': 1024}),
+                                       target=GPUTarget('cuda', 90, 32), options=dict(enable_fp_fusion=False))
+                    assert k.asm['cubin'], (name, dtype, rounding)
+                    if name == 'Adam': assert ('ld.global.v4' in k.asm['ptx']) == aligned   # vector loads when aligned
 
 _WITHOUT_TRITON = r'''
 import sys, os, torch

@@ -161,7 +161,7 @@ def _scalars_needed(prog:Program, roots:set) -> list[int]:
         if op not in _LEAVES and op != 'sum': todo.extend(args)
     return sorted(need)
 
-def _phase_source(prog:Program, layout:Layout, k:int, store_phase:dict, last:int, target:str) -> str|None:
+def _phase_source(prog:Program, layout:Layout, k:int, store_phase:dict, last:int, target:str, aligned:bool) -> str|None:
     "The Triton kernel of phase `k`: one program per (tensor, block), its stores and partial sums; `None` if idle"
     nodes, ph, dtypes = prog.tr.nodes, prog.phases, layout.dtypes
     stores = [(b,n) for b,n in prog.stores if store_phase[n] == k]
@@ -179,7 +179,7 @@ def _phase_source(prog:Program, layout:Layout, k:int, store_phase:dict, last:int
         op, args, kind = nodes[n]
         if kind != 's' and op not in _LEAVES: slots.update((a, None) for a in args if nodes[a][2] == 's')
     head = ['pid = tl.program_id(0)', 't = tl.load(ITEMS + 2 * pid)', 'blk = tl.load(ITEMS + 2 * pid + 1)',
-            'offs = blk * BLOCK + tl.arange(0, BLOCK)', 'mask = offs < tl.load(NUMEL + t)']
+            'offs = blk * BLOCK + tl.arange(0, BLOCK)', 'numel = tl.load(NUMEL + t)', 'mask = offs < numel']
     head += [f's{n} = tl.load(S + {prog.slots.index(n)}).to(T)' for n in sorted(slots)]
     c += head
     for n in scalars:   # every program computes its tensor's numbers (a few scalar operations)
@@ -189,12 +189,14 @@ def _phase_source(prog:Program, layout:Layout, k:int, store_phase:dict, last:int
         elif op == 'ptin': code = f'tl.load(PT + t * NPTIN + {args[0]}).to(T)'
         else: code = _TL_EXPR[op].format(*map(name, args))
         c += [f'v{n} = {code}']
+    pointers = []
     def buf(b):
         if b not in bufs:
             bufs.add(b)
-            ptr = _PTR[dtypes[b] if b < len(dtypes) else dtypes[0]]
-            c.lines.insert(len(head), f'    b{b} = tl.load(ADDR + {b} * n_tensors + t).to(tl.pointer_type({ptr}))')
+            ptr = f'tl.load(ADDR + {b} * n_tensors + t).to(tl.pointer_type({_PTR[dtypes[b] if b < len(dtypes) else dtypes[0]]}))'
+            pointers.append(f'    b{b} = {f"tl.multiple_of({ptr}, 16)" if aligned else ptr}')
         return f'b{b}'
+    start = len(c.lines)
     for n in elements:
         op, args, kind = nodes[n]
         if kind != 'e': continue
@@ -218,13 +220,20 @@ def _phase_source(prog:Program, layout:Layout, k:int, store_phase:dict, last:int
             raw = _param_store(c, layout, name(n), kahan)
         else: raw = _stored(c, dtypes[b], name(n))
         c += [f'tl.store(b{b} + offs, {raw}, mask=mask)']
+    end = len(c.lines)
     for j,(_,n) in enumerate(outs):   # the tensor's per-tensor outputs, written by its first block
         c += [f'tl.store(OUT + t * NOUT + {j}, {name(n)}.to(tl.float64), mask=blk == 0)']
     T = 'tl.float64' if layout.compute == torch.float64 else 'tl.float32'
     ieee = dict(DIV='tl.fdiv', SQRT='tl.sqrt') if T == 'tl.float64' else dict(DIV='tl.div_rn', SQRT='tl.sqrt_rn')
     subs = dict(T=T, **ieee, NRED=str(max(len(prog.sums), 1)), NPTIN=str(max(_n_ptin(prog), 1)),
                 NOUT=str(max(len(prog.scalar_out), 1)), **_MATH[target])
-    body = re.sub(r'\b(' + '|'.join(subs) + r')\b', lambda m: subs[m.group(1)], '\n'.join(c.lines))
+    lines = c.lines[:len(head)] + pointers + c.lines[len(head):start]
+    if end > start:   # a full block needs no masks, so that its loads and stores can be vector instructions
+        full = [l.replace(', mask=mask, other=0)', ')').replace(', mask=mask)', ')') for l in c.lines[start:end]]
+        lines += ['    if blk * BLOCK + BLOCK <= numel:', *('    ' + l for l in full), '    else:',
+                  *('    ' + l for l in c.lines[start:end])]
+    lines += c.lines[end:]
+    body = re.sub(r'\b(' + '|'.join(subs) + r')\b', lambda m: subs[m.group(1)], '\n'.join(lines))
     return ('import triton\nimport triton.language as tl\nfrom triton.language.extra import libdevice\n'
             + (_INTERPRET_HELPERS if target == 'interpret' else '') + '\n' + _SIGNATURE + '\n' + body + '\n')
 
@@ -232,15 +241,15 @@ def _n_ptin(prog:Program) -> int:
     return 1 + max([args[0] for op,args,_ in prog.tr.nodes if op == 'ptin'], default=-1)
 
 # %% ../../nbs/08_triton.ipynb #2b9faa13
-def kernel_sources(prog:Program, layout:Layout, target:str='interpret') -> list[tuple[int, str]]:
-    "The Triton kernels running `prog` with `layout`: `(phase, source)` for each phase that has work"
+def kernel_sources(prog:Program, layout:Layout, target:str='interpret', aligned:bool=False) -> list[tuple[int, str]]:
+    "The Triton kernels running `prog` with `layout`: `(phase, source)` for each phase that has work; `aligned`: every address is a multiple of 16"
     last = max([prog.phases[n] for _,n in prog.stores] + [prog.phases[n] for _,n in prog.scalar_out] + [0])
     # as the C kernel: a value stored in another dtype before the last phase would be reloaded rounded, so then
     # every store waits for the last phase; so does a store whose memory a later phase still reads
     defer = any(layout.dtypes[b] != layout.compute for b,n in prog.stores if prog.phases[n] < last)
     def phases(defer:bool):
         store_phase = {n: last if defer else prog.phases[n] for _,n in prog.stores}
-        out = [(k, _phase_source(prog, layout, k, store_phase, last, target)) for k in range(last + 1)]
+        out = [(k, _phase_source(prog, layout, k, store_phase, last, target, aligned)) for k in range(last + 1)]
         return [(k, s) for k,s in out if s is not None]
     try: return phases(defer)
     except NotTraceable: return phases(True)
@@ -285,11 +294,14 @@ class TritonRunner:
         self.prog, self.layout, self.device = prog, layout, device
         self.target = 'interpret' if device.type == 'cpu' else 'gpu'
         self.block = block or 1024
-        self.phases = [(k, compile_phase(src, self.target), src) for k,src in kernel_sources(prog, layout, self.target)]
+        # two builds of each kernel: one for any addresses, one for addresses that are multiples of 16 (vector access)
+        sources = {a: kernel_sources(prog, layout, self.target, a) for a in (False, True)}
+        self.phases = [k for k,_ in sources[False]]   # the phases launched, one launch each
+        self.kernels = {a: [compile_phase(src, self.target) for _,src in srcs] for a,srcs in sources.items()}
         nodes = prog.tr.nodes
         # after which launch each sum is complete: its column of the partial sums is reduced per tensor then
         self.reduce_after = {k: [prog.sums.index(s) for s in prog.sums if prog.phases[nodes[s][1][0]] == k]
-                             for k,_,_ in self.phases}
+                             for k in self.phases}
         self.between_phases = None   # called with the [n_tensors, n_sums] float64 sums before a phase reads them
         self._tables = None
         if self.target == 'gpu': self._warmup()
@@ -299,7 +311,7 @@ class TritonRunner:
         i64 = lambda: torch.zeros(2, dtype=torch.int64, device=self.device)
         f64 = lambda: torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
-            for _, fn, _ in self.phases:
+            for fn in self.kernels[False] + self.kernels[True]:
                 fn.warmup(i64(), i64(), i64(), f64(), f64(), f64(), f64(), f64(), i64(), 2, grid=(1,), BLOCK=self.block,
                           enable_fp_fusion=False)
         except Exception as e: raise NotTraceable(f"Triton could not compile a fused kernel ({type(e).__name__}: {e})") from e
@@ -336,7 +348,7 @@ class TritonRunner:
                 ptin, t['sums'], t['partial'], t['out'],
                 torch.from_numpy((keys if keys is not None else np.zeros(1, np.uint32)).astype(np.int64)).to(dev), n)
         with np.errstate(all='ignore'):   # the interpreter computes masked lanes too (0/0 there is harmless)
-            for k, fn, _ in self.phases:
+            for k, fn in zip(self.phases, self.kernels[not (addr & 15).any()]):
                 fn[(t['n_items'],)](*args, BLOCK=self.block, **({} if self.target == 'interpret' else dict(enable_fp_fusion=False)))
                 TritonRunner.launches += 1
                 cols = self.reduce_after[k]
