@@ -105,6 +105,22 @@ def test_stochastic_rounding_is_bit_equal_to_the_c_kernel(dtype, monkeypatch):
                 if isinstance(v, torch.Tensor): assert torch.equal(v, c.state[q][k]), k
                 else: assert v == c.state[q][k]
 
+@pytest.mark.parametrize('dtype', LOW, ids=['bf16', 'fp16'])
+def test_stochastic_rounding_is_storage_round_stochastic(dtype):
+    "The kernel stores round_stochastic(w, dtype, key) bit for bit, w the float32 update (two operations: no FMA)"
+    from fastopt import SGD
+    from fastopt.engine.storage import round_stochastic, rounding_key
+    ps = [torch.randn(3000).to(dtype), torch.randn(()).to(dtype), torch.randn(0).to(dtype), torch.randn(5, 7).to(dtype)]
+    opt = SGD(ps, lr=1e-3, execution='fused', update_rounding='stochastic', seed=11)
+    for step in (1, 2):
+        for p in ps: p.grad = torch.randn(p.shape).to(dtype)
+        w = [p.float() + p.grad.float() * torch.tensor(-1e-3, dtype=torch.float32) for p in ps]
+        opt.step()
+        for i, (p, x) in enumerate(zip(ps, w)):
+            want = round_stochastic(x, dtype, rounding_key(11, step, i))
+            assert torch.equal(p.view(torch.int16), want.view(torch.int16)), (step, i)
+    assert opt.execution_counts == {'fused': 8, 'per_param': 0} and _backends(opt) == {'triton'}
+
 def test_kahan_and_nearest_are_bit_equal_to_the_c_kernel_for_adam(monkeypatch):
     for rounding in ('kahan', 'nearest'):
         tri, tg = _run_with('triton', monkeypatch, OPTIMIZERS['Adam'], torch.bfloat16, rounding, 4)
