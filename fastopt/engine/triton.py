@@ -4,7 +4,7 @@
 
 # %% ../../nbs/08_triton.ipynb #72e51db2
 from __future__ import annotations
-import functools, hashlib, importlib.util, os, re, tempfile, threading
+import atexit, functools, hashlib, importlib.util, os, re, shutil, tempfile, threading
 import numpy as np
 import torch
 from torch import Tensor
@@ -259,8 +259,10 @@ _compiled, _lock = {}, threading.Lock()
 
 @functools.lru_cache(maxsize=None)
 def _source_dir() -> str:
-    "Where this process writes kernel sources (Triton's JIT reads a function's source from its file)"
-    return tempfile.mkdtemp(prefix='fastopt-triton-')
+    "Where this process writes kernel sources (Triton's JIT reads a function's source from its file); removed at exit"
+    d = tempfile.mkdtemp(prefix='fastopt-triton-')
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
 
 def compile_phase(source:str, target:str):
     "The launchable kernel of `source`, built once per process (Triton caches compiled GPU binaries on disk itself)"
