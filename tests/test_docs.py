@@ -33,7 +33,7 @@ def browser():
         b.close()
 
 PAGES = ['index', 'optimizer', 'callbacks', 'optimizers', 'modern', 'param_groups', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion', 'trace',
-         'cpu', 'storage', 'foreach', 'performance', 'distributed', 'memory', 'checkpoints', 'guarantees', 'api']
+         'cpu', 'storage', 'foreach', 'triton', 'performance', 'distributed', 'memory', 'checkpoints', 'guarantees', 'api']
 WITH_MATH = ['callbacks', 'optimizers', 'modern', 'lookahead', 'storage']
 
 def _open(browser, url):

@@ -250,7 +250,7 @@ html_favicon = '_static/favicon.svg'
 FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="6" fill="#2962ff"/>'
            '<text x="16" y="22" font-size="16" text-anchor="middle" fill="white" font-family="sans-serif">fo</text></svg>')
 
-ORDER = ['optimizer', 'callbacks', 'optimizers', 'modern', 'param_groups', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion', 'trace', 'cpu', 'storage', 'foreach', 'performance',
+ORDER = ['optimizer', 'callbacks', 'optimizers', 'modern', 'param_groups', 'lookahead', 'wrapper', 'fastai', 'pytorch', 'fusion', 'trace', 'cpu', 'storage', 'foreach', 'triton', 'performance',
          'distributed', 'memory', 'checkpoints', 'guarantees', 'api']
 
 def sphinx_sources(proc:Path):

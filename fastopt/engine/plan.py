@@ -4,6 +4,7 @@
 
 # %% ../../nbs/08_fusion.ipynb #61e13ddd
 from __future__ import annotations
+import os
 import numpy as np
 import torch
 from itertools import repeat
@@ -13,6 +14,7 @@ from .trace import NotTraceable, Program, trace, is_number
 from .cpu import Layout, compile_kernel, kernel_source
 from .storage import LOW_PRECISION, RESERVED, compute_dtype, real_view, rounding_key, mix32
 from .foreach import Interpreter
+from .triton import TritonRunner, run_bucket, triton_device
 
 # %% auto #0
 __all__ = ['why_not_fusable', 'has_emitter', 'backend_for', 'Bucket', 'GroupPlan', 'Planner']
@@ -33,12 +35,17 @@ def why_not_fusable(p:Tensor) -> str|None:
     return None
 
 def has_emitter(device:torch.device) -> bool:
-    "Whether tensors on `device` have a code emitter (the C kernel's): today the CPU"
-    return device.type == 'cpu'
+    "Whether tensors on `device` have a code emitter: the CPU (C), CUDA and XPU when triton imports (Triton)"
+    return device.type == 'cpu' or triton_device(device)
 
 def backend_for(execution:str, device:torch.device) -> str:
-    "The backend that runs a bucket on `device` under `execution`: 'cpu' (the C kernel) or 'foreach'"
-    return 'cpu' if execution != 'foreach' and has_emitter(device) else 'foreach'
+    "The backend that runs a bucket on `device` under `execution`: 'cpu' (the C kernel), 'triton' or 'foreach'"
+    if execution == 'foreach' or not has_emitter(device): return 'foreach'
+    if device.type != 'cpu': return 'triton'
+    forced = os.environ.get('FASTOPT_FUSED_BACKEND', '').strip().lower()
+    if forced not in ('', 'c', 'cpu', 'triton'):
+        raise ValueError(f"FASTOPT_FUSED_BACKEND={forced!r}: expected 'triton', 'c' or 'cpu' (or unset)")
+    return 'triton' if forced == 'triton' else 'cpu'
 
 _CHUNK = 16384   # elements per work item: enough to amortize a chunk's set-up, few enough to balance threads
 
@@ -79,7 +86,7 @@ class Bucket:
         key:tuple, # Their state structure, from `_classify`
         hyper:dict, # Their group's hyper-parameters
         indices:list, # Each parameter's index in the optimizer (for stochastic rounding)
-        backend:str='cpu' # 'cpu' (the C kernel) or 'foreach', from `backend_for`
+        backend:str='cpu' # 'cpu' (the C kernel), 'triton' or 'foreach', from `backend_for`
     ):
         self.params, self.indices, self.key, self.backend = params, np.asarray(indices, np.int64), key, backend
         self.states = [opt.state[p] for p in params]
@@ -99,6 +106,7 @@ class Bucket:
         self.rounding = opt.update_rounding if dtypes[0] in LOW_PRECISION else 'nearest'
         self.layout = Layout(self.cdt, tuple(dtypes), self.rounding)
         if backend == 'foreach': self.fn = Interpreter(prog, self.layout)
+        elif backend == 'triton': self.fn = TritonRunner(prog, self.layout, p0.device)
         else:
             src = kernel_source(prog, self.layout)
             self.fn = _kernels.get(src) or _kernels.setdefault(src, compile_kernel(src))
@@ -168,7 +176,7 @@ def _prepare(b:Bucket) -> bool:
     if b.rounding == 'kahan':
         for p, st in zip(b.params, b.states):
             if 'kahan_comp' not in st: st['kahan_comp'] = torch.zeros_like(p); changed = True
-    if b.backend == 'cpu': b.static = _static_table(b)
+    if b.backend in ('cpu', 'triton'): b.static = _static_table(b)
     else:
         T = b.cdt
         b.static = dict(params=[real_view(p.detach()) for p in b.params],
@@ -190,6 +198,7 @@ def _run(b:Bucket, opt, grads:list, numbers:tuple):
         seed = opt.seed & 0xFFFFFFFF
         keys = np.ascontiguousarray(mix32(mix32(mix32(np.int64(seed)) ^ step) ^ b.indices).astype(np.uint32))
     if b.backend == 'foreach': scalars = _run_foreach(b, grads, slots, new, keys)
+    elif b.backend == 'triton': scalars = run_bucket(b, grads, slots, new, keys)
     else: scalars = _run_kernel(b, grads, slots, new, keys)
     for (k,_),v in zip(prog.number_out, numbers):
         for s in states: s[k] = v
@@ -284,7 +293,7 @@ class GroupPlan:
 
 def _settings_key(opt) -> tuple:
     "The settings a plan was made for"
-    return (opt.execution, opt.update_rounding, opt.state_dtype, opt.seed)
+    return (opt.execution, opt.update_rounding, opt.state_dtype, opt.seed, os.environ.get('FASTOPT_FUSED_BACKEND'))
 
 def _hyper_key(hyper:dict) -> tuple:
     "What a trace assumed of the hyper-parameters: which are numbers, and the other values"
