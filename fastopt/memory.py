@@ -192,9 +192,9 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # %% ../nbs/15_memory.ipynb #8ac9c861
-ACCUMULATION_ROLES = {average_grad: 'linear', average_sqr_grad: 'quadratic', step_stat: 'per_step',
-                      weight_decay: 'per_step', adam_step: 'stepper', radam_step: 'stepper', lamb_step: 'stepper',
-                      momentum_step: 'stepper', rms_prop_step: 'stepper'} # fastopt's callbacks that can accumulate
+ACCUMULATION_ROLES = {average_grad: 'linear', average_sqr_grad: 'quadratic', # fastopt's callbacks that can accumulate, by role
+                      step_stat: 'per_step', weight_decay: 'per_step', adam_step: 'stepper', radam_step: 'stepper',
+                      lamb_step: 'stepper', momentum_step: 'stepper', rms_prop_step: 'stepper'}
 ACCUMULATION_NEEDS = {momentum_step: ('grad_avg',), rms_prop_step: ('grad_avg',)} # state without which a stepper reads the gradient
 _DEGREE = {'linear': 1, 'quadratic': 2}
 
@@ -211,6 +211,8 @@ def accumulation_roles(opt) -> list[tuple]:
     "`(callback, role, state keys)` for each callback of `opt`, or a `ValueError` saying why `opt` cannot accumulate"
     inner = opt.opt if isinstance(opt, Lookahead) else opt
     name = getattr(inner, 'name', None) or type(inner).__name__
+    if inner.execution == 'fused': raise ValueError(
+        "execution='fused' is strict, but accumulated micro-batches are stepped per parameter: use 'auto' to accumulate")
     roles = [(cb, accumulation_role(cb)) for cb in inner.cbs]
     if any(r not in (*_DEGREE, 'per_step', 'stepper') for _,r in roles):
         bad = [callback_name(cb) for cb,r in roles if r not in (*_DEGREE, 'per_step', 'stepper')]

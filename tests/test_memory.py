@@ -243,7 +243,8 @@ def test_sgd_momentum_accumulation_equals_true_gradient_accumulation():
     (lambda ps: Larc(ps, lr=1e-2), r"\['larc_layer_lr', 'larc_step'\] have no accumulation role"),
     (lambda ps: Adam(ps, lr=1e-2, decouple_wd=False), r"\['l2_reg'\]"),
     (lambda ps: SGD(ps, lr=1e-2), 'momentum_step uses the gradient itself'),
-    (lambda ps: RMSProp(ps, lr=1e-2), 'rms_prop_step uses the gradient itself')])
+    (lambda ps: RMSProp(ps, lr=1e-2), 'rms_prop_step uses the gradient itself'),
+    (lambda ps: Adam(ps, lr=1e-2, execution='fused'), "execution='fused' is strict")])
 def test_accumulation_refuses_optimizers_that_read_the_gradient_at_the_step(make, match):
     model = mlp(); opt = make(model.parameters())
     with pytest.raises(ValueError, match=match): release_gradients(model, opt, accumulate=2)
