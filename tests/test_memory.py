@@ -317,3 +317,19 @@ def test_fastai_learner_with_accumulation_equals_the_loop():
         train_accumulated(ref, ro, [(xs[i:i+32], ys[i:i+32]) for i in range(0, 256, 32)], 2)
     assert same_weights(learn.model, ref) and learn.opt.state[learn.model[0].weight]['step'] == 4
     assert learn.gradient_release.release_handle is None
+
+def test_a_parameter_without_gradient_in_the_last_micro_batch_is_still_stepped():
+    "It accumulated earlier in the step: the end of the last backward steps it, as a zero gradient would"
+    def run(zero_path:bool):
+        model = mlp(); opt = Adam(model.parameters(), lr=1e-2)
+        (x1, y1), (x2, y2) = batches(2)
+        h2 = torch.randn(8, 24, generator=torch.Generator().manual_seed(3))
+        with release_gradients(model, opt, accumulate=2):
+            for _ in range(2):
+                loss_of(model, x1, y1).backward()   # every parameter
+                loss = ((model[2:](h2) - y2)**2).mean()   # not model[0]
+                if zero_path: loss = loss + 0*sum(p.sum() for p in model[0].parameters())
+                loss.backward()
+        assert all(p.grad is None for p in model.parameters()) and opt.state[model[0].weight]['step'] == 2
+        return model
+    assert same_weights(run(False), run(True))
