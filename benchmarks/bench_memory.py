@@ -60,10 +60,11 @@ def train_step(model, opt, x, y) -> float:
     opt.step(); opt.zero_grad()   # no-ops with gradient release
     return loss.item()
 
-def peak_bytes(model, opt, steps) -> int:
-    "The highest total of tensor memory allocated during `steps`, above the level where they started"
+def peak_bytes(model, opt, steps, step=None) -> int:
+    "The highest total of tensor memory allocated during `steps` (run by `step(x, y)`), above the level where they started"
+    step = step or (lambda x, y: train_step(model, opt, x, y))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for x, y in steps: train_step(model, opt, x, y)
+        for x, y in steps: step(x, y)
     # every allocation (+bytes) and free (-bytes) on the CPU, in order (prof.events() attributes most to ops)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU)

@@ -8,11 +8,14 @@ import functools, weakref
 import torch
 from fastcore.basics import patch
 from torch import nn, Tensor
-from .optimizer import Optimizer, WrappingOptimizer, NonFiniteGradError
+from .optimizer import Optimizer, WrappingOptimizer, NonFiniteGradError, callback_name, _unwrap
 from .lookahead import Lookahead
+from .callbacks import (average_grad, average_sqr_grad, step_stat, weight_decay, adam_step, radam_step,
+                               lamb_step, momentum_step, rms_prop_step)
 
 # %% auto #0
-__all__ = ['GradientReleaseHandle', 'release_gradients']
+__all__ = ['ACCUMULATION_ROLES', 'ACCUMULATION_NEEDS', 'GradientReleaseHandle', 'release_gradients', 'accumulation_role',
+           'accumulation_roles', 'micro_batch_callbacks']
 
 # %% ../nbs/15_memory.ipynb #2e0b629f
 def _releasable(opt) -> bool:
@@ -26,11 +29,15 @@ class GradientReleaseHandle:
     "Steps `opt`'s parameters during backward and frees their gradients, until `remove()` (see `release_gradients`)"
     def __init__(self,
         opt:Optimizer, # The optimizer that steps them
-        params:list # The parameters to hook
+        params:list, # The parameters to hook
+        accumulate:int=1, # Micro-batches per optimizer step (see "Optimizer accumulation")
+        roles:list|None=None # With `accumulate` > 1: each callback of `opt` with its accumulation role
     ):
         self.opt, self.params, self.stepped, self._task = opt, params, [], None
+        self.accumulate, self.roles, self.done, self._started = accumulate, roles, 0, set()
         self._train_mode = opt if hasattr(opt, 'training') else None   # a Schedule-Free optimizer steps only in train mode
         self._hooks = [p.register_post_accumulate_grad_hook(self._release) for p in params]
+        if accumulate > 1: self._hooks.append(opt.register_state_dict_pre_hook(self._refuse_mid_step))
         if isinstance(opt, Lookahead): opt.steps_in_backward = True
         _active[opt] = self
 
@@ -49,7 +56,9 @@ class GradientReleaseHandle:
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.remove()
-    def __repr__(self): return f"GradientReleaseHandle({len(self.params)} parameters, {'active' if self.active else 'removed'})"
+    def __repr__(self):
+        acc = f", micro-batch {self.done + 1} of {self.accumulate}" if self.accumulate > 1 else ''
+        return f"GradientReleaseHandle({len(self.params)} parameters{acc}, {'active' if self.active else 'removed'})"
 
 # %% ../nbs/15_memory.ipynb #f7626571
 @patch
@@ -60,7 +69,7 @@ def _release(self:GradientReleaseHandle, p:Tensor):
     if self._train_mode is not None and not self._train_mode.training:
         raise RuntimeError("the optimizer is in eval mode (its parameters hold the average x): call train() before backward")
     try:
-        with torch._C._EnableTorchFunction(): self.opt.step_parameters([p])   # see below
+        with torch._C._EnableTorchFunction(): self._step([p])   # see below
     except NonFiniteGradError: raise self._nonfinite(p) from None
     if p.grad is not None and p.requires_grad: p.grad = None   # a frozen parameter keeps it, as after `step`
     self.stepped.append(p)
@@ -80,11 +89,38 @@ def _end(self:GradientReleaseHandle):
     if not self.active: return
     frozen = self.opt._frozen() if self.opt.frozen_idx else ()
     left = [p for g in self.opt.param_groups for p in g['params'] if p.grad is not None and p not in frozen]
+    if self.accumulate > 1 and self.done == self.accumulate - 1:   # accumulated earlier, but no gradient this time
+        stepped = {id(q) for q in self.stepped + left}
+        for p in (p for p in self.params if id(p) in self._started and id(p) not in stepped and p not in frozen):
+            p.grad = torch.zeros_like(p); left.append(p)
     if left:
-        with torch._C._EnableTorchFunction(): self.opt.step_parameters(left)
+        with torch._C._EnableTorchFunction(): self._step(left)
         for p in left: p.grad = None
         self.stepped += left
+    if self.accumulate > 1:
+        self.done = (self.done + 1) % self.accumulate
+        if self.done: return   # a micro-batch: no step to count yet
+        self._started = set()
     if isinstance(self.opt, Lookahead): self.opt.end_step()
+
+@patch
+def _step(self:GradientReleaseHandle, params:list):
+    "Step `params` (all of the optimizer's step, or this micro-batch's part of it)"
+    if self.accumulate == 1: return self.opt.step_parameters(params)
+    last = self.done == self.accumulate - 1
+    first = [p for p in params if id(p) not in self._started]
+    later = [p for p in params if id(p) in self._started]
+    for ps, starts in ((first, True), (later, False)):
+        if ps: _with_callbacks(self.opt, micro_batch_callbacks(self.roles, self.accumulate, starts, last),
+                               lambda: self.opt.step_parameters(ps))
+    self._started.update(id(p) for p in first)
+
+@patch
+def _refuse_mid_step(self:GradientReleaseHandle, opt):
+    "A state-dict pre-hook: the state holds part of a step's sums between micro-batches"
+    if self.done: raise RuntimeError(
+        f"the optimizer is in the middle of an accumulated step ({self.done} of {self.accumulate} micro-batches "
+        "done): its state holds partial sums that a resumed run could not complete; save after the last micro-batch")
 
 # %% ../nbs/15_memory.ipynb #38f35042
 def _where(opt, p:Tensor) -> str:
@@ -107,10 +143,14 @@ def _nonfinite(self:GradientReleaseHandle, p:Tensor) -> NonFiniteGradError:
 # %% ../nbs/15_memory.ipynb #4ea951f6
 def release_gradients(
     model:nn.Module, # The model whose backward gives the gradients
-    opt:Optimizer # A fastopt optimizer over `model`'s parameters, or a `Lookahead` around one
+    opt:Optimizer, # A fastopt optimizer over `model`'s parameters, or a `Lookahead` around one
+    accumulate:int=1 # Micro-batches (backwards) per step: > 1 accumulates them into the optimizer's state
 ) -> GradientReleaseHandle:
     "Step each of `opt`'s parameters during backward as soon as its gradient is final, then free the gradient"
     if not isinstance(model, nn.Module): raise TypeError(f"release_gradients takes an nn.Module, got {type(model).__name__}")
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int):
+        raise TypeError(f"accumulate must be an int >= 1, got {type(accumulate).__name__}: {accumulate!r}")
+    if accumulate < 1: raise ValueError(f"accumulate must be an int >= 1, got {accumulate}")
     if not _releasable(opt):
         raise TypeError(f"release_gradients needs a fastopt Optimizer (or a Lookahead around one), which can step one "
                         f"parameter exactly as its step does; got {type(opt).__name__}")
@@ -119,7 +159,9 @@ def release_gradients(
     strangers = [_where(opt, p) for g in opt.param_groups for p in g['params'] if id(p) not in own]
     if strangers: raise ValueError(f"{', '.join(strangers[:3])} of the optimizer {'is' if len(strangers) == 1 else 'are'} "
                                    f"not parameters of the model ({len(strangers)} in all)")
-    return GradientReleaseHandle(opt, [p for g in opt.param_groups for p in g['params'] if p.requires_grad])
+    roles = accumulation_roles(opt) if accumulate > 1 else None   # raises for an optimizer that cannot accumulate
+    return GradientReleaseHandle(opt, [p for g in opt.param_groups for p in g['params'] if p.requires_grad],
+                                 accumulate, roles)
 
 # %% ../nbs/15_memory.ipynb #224a6a80
 _NEEDS_GRADIENTS = ('GradientAccumulation', 'GradientClip', 'MixedPrecision') # fastai callbacks that use all gradients between backward and step
@@ -130,12 +172,14 @@ def _gradient_release_class():
     from fastai.callback.core import Callback
     class GradientRelease(Callback):
         "Step each parameter during backward and free its gradient (`release_gradients`), for the length of each fit"
+        def __init__(self, accumulate:int=1): # Batches per optimizer step, accumulated in the optimizer's state
+            super().__init__(); self.accumulate = accumulate
         def before_fit(self):
             self._remove()   # a fit that an error ended ran no after_fit
             clash = [type(cb).__name__ for cb in self.learn.cbs if type(cb).__name__ in _NEEDS_GRADIENTS]
             if clash: raise ValueError(f"GradientRelease frees each gradient during backward; {clash} need them all "
                                        "after it: remove one or the other")
-            self.release_handle = release_gradients(self.learn.model, self.learn.opt)
+            self.release_handle = release_gradients(self.learn.model, self.learn.opt, self.accumulate)
         def after_fit(self): self._remove()
         def _remove(self):
             if getattr(self, 'release_handle', None) is not None: self.release_handle.remove()
@@ -146,3 +190,76 @@ def _gradient_release_class():
 def __getattr__(name):
     if name == 'GradientRelease': return _gradient_release_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# %% ../nbs/15_memory.ipynb #8ac9c861
+ACCUMULATION_ROLES = {average_grad: 'linear', average_sqr_grad: 'quadratic', # fastopt's callbacks that can accumulate, by role
+                      step_stat: 'per_step', weight_decay: 'per_step', adam_step: 'stepper', radam_step: 'stepper',
+                      lamb_step: 'stepper', momentum_step: 'stepper', rms_prop_step: 'stepper'}
+ACCUMULATION_NEEDS = {momentum_step: ('grad_avg',), rms_prop_step: ('grad_avg',)} # state without which a stepper reads the gradient
+_DEGREE = {'linear': 1, 'quadratic': 2}
+
+def accumulation_role(cb) -> str|None:
+    "How `cb` takes part in optimizer accumulation: its `accumulation` attribute, else `ACCUMULATION_ROLES`; None: it cannot"
+    fn = _unwrap(cb)
+    return getattr(cb, 'accumulation', None) or getattr(fn, 'accumulation', None) or ACCUMULATION_ROLES.get(fn)
+
+def _needs(cb) -> tuple:
+    fn = _unwrap(cb)
+    return tuple(getattr(cb, 'accumulation_needs', None) or getattr(fn, 'accumulation_needs', None) or ACCUMULATION_NEEDS.get(fn, ()))
+
+def accumulation_roles(opt) -> list[tuple]:
+    "`(callback, role, state keys)` for each callback of `opt`, or a `ValueError` saying why `opt` cannot accumulate"
+    inner = opt.opt if isinstance(opt, Lookahead) else opt
+    name = getattr(inner, 'name', None) or type(inner).__name__
+    if inner.execution == 'fused': raise ValueError(
+        "execution='fused' is strict, but accumulated micro-batches are stepped per parameter: use 'auto' to accumulate")
+    roles = [(cb, accumulation_role(cb)) for cb in inner.cbs]
+    if any(r not in (*_DEGREE, 'per_step', 'stepper') for _,r in roles):
+        bad = [callback_name(cb) for cb,r in roles if r not in (*_DEGREE, 'per_step', 'stepper')]
+        raise ValueError(f"{name} cannot accumulate micro-batches in its state: {bad} have no accumulation role (a "
+            "statistic 'linear' or 'quadratic' in the gradient, 'per_step', or a 'stepper' that reads only the state); "
+            "e.g. QHAdam, LARC and L2 regularization read the gradient itself at the step. Use accumulate=1")
+    keys = [set() for _ in roles]
+    for i,h in enumerate(inner.hypers):   # which state the statistics keep with this group's hyper-parameters
+        w = torch.zeros(2); w.grad = torch.ones(2)
+        kept = set()
+        for j,(cb,r) in enumerate(roles):
+            if r in _DEGREE:
+                new = cb(w, **dict(h))
+                if isinstance(new, dict): keys[j].update(new); kept.update(new)
+        for cb,r in roles:
+            missing = [k for k in _needs(cb) if k not in kept]
+            if r == 'stepper' and missing: raise ValueError(
+                f"{name} cannot accumulate micro-batches in its state with the hyper-parameters of group {i}: its "
+                f"step {callback_name(cb)} uses the gradient itself when no {missing} is kept (momentum 0). Use "
+                "momentum, or accumulate=1")
+    return [(cb, r, frozenset(k)) for (cb,r),k in zip(roles, keys)]
+
+def _accumulating(cb, scale:float, starts:bool, keys:frozenset):
+    "`cb` on the gradient times `scale`: as usual on a step's first micro-batch, else from a zero state, added to it"
+    def run(p, **kw):
+        g = p.grad
+        p.grad = g * scale   # the working copy's gradient: the user's is not touched
+        try: new = cb(p, **kw) if starts else cb(p, **{k: v for k,v in kw.items() if k not in keys})
+        finally: p.grad = g
+        if starts or not isinstance(new, dict): return new
+        return {k: kw[k].add_(v) if k in keys and k in kw and isinstance(v, Tensor) else v for k,v in new.items()}
+    return run
+
+def micro_batch_callbacks(
+    roles:list, # From `accumulation_roles`
+    n:int, # Micro-batches per step
+    starts:bool, # The parameter's first micro-batch of this step (its statistics decay)
+    last:bool # The step's last micro-batch (the per-step callbacks and steppers run)
+) -> list:
+    "The callbacks that one micro-batch runs on a parameter"
+    return [_accumulating(cb, n ** (-1/_DEGREE[r]), starts, k) if r in _DEGREE else cb
+            for cb,r,k in roles if r in _DEGREE or last]
+
+def _with_callbacks(opt, cbs:list, fn):
+    "Run `fn()` with `opt`'s callbacks replaced by `cbs`, stepped by the per-parameter reference strategy"
+    inner = opt.opt if isinstance(opt, Lookahead) else opt
+    saved = inner.cbs, inner.execution
+    inner.cbs, inner.execution = cbs, 'per_param'
+    try: return fn()
+    finally: inner.cbs, inner.execution = saved
