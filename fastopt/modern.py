@@ -78,10 +78,12 @@ def Lion(
     mom:float=0.9, # Interpolation between the average and the gradient, β1
     sqr_mom:float=0.99, # Momentum of the gradient average, β2
     wd:float=0., # Weight decay (true or L2)
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "Lion: the sign of an interpolated momentum"
-    return Optimizer(params, _decay(decouple_wd) + [lion_step, lion_average], lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
+    return _build('Lion', params, _decay(decouple_wd) + [lion_step, lion_average], settings, lr=lr, mom=mom,
+                  sqr_mom=sqr_mom, wd=wd)
 
 # %% ../nbs/13_modern.ipynb #5ea41336
 def adan_average(
@@ -148,12 +150,13 @@ def Adan(
     sqr_mom:float=0.99, # Momentum of the squared extrapolated gradient's average, β3
     eps:float=1e-8, # Added to the denominator for numerical stability
     wd:float=0.02, # Weight decay
-    proximal_wd:bool=True # The paper's proximal weight decay (after the step), or AdamW's (before it)
+    proximal_wd:bool=True, # The paper's proximal weight decay (after the step), or AdamW's (before it)
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "Adan: adaptive Nesterov momentum"
     cbs = [partial(average_grad, dampening=True), adan_average, step_stat, adan_step]
     cbs = cbs + [proximal_weight_decay] if proximal_wd else [weight_decay] + cbs
-    return Optimizer(params, cbs, lr=lr, mom=mom, diff_mom=diff_mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return _build('Adan', params, cbs, settings, lr=lr, mom=mom, diff_mom=diff_mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/13_modern.ipynb #e98711d6
 def adopt_average(
@@ -207,11 +210,12 @@ def ADOPT(
     eps:float=1e-6, # Lower bound of the normalising root
     clip_exp:float|None=0.25, # Normalised gradients are clipped at `step**clip_exp`; None: no clipping
     wd:float=0., # Weight decay (true or L2)
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "ADOPT: Adam that normalises by the previous second moment, before the momentum"
     cbs = _decay(decouple_wd) + [step_stat, adopt_average, adopt_step, adopt_sqr_average]
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, clip_exp=clip_exp, wd=wd)
+    return _build('ADOPT', params, cbs, settings, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, clip_exp=clip_exp, wd=wd)
 
 # %% ../nbs/13_modern.ipynb #e3c98d7b
 def ademamix_schedules(
@@ -282,13 +286,14 @@ def AdEMAMix(
     warmup:int=0, # Steps over which α and β3 are warmed up (0: none; the paper uses the length of training)
     eps:float=1e-8, # Added to the denominator for numerical stability
     wd:float=0., # Weight decay (true or L2)
-    decouple_wd:bool=True # True weight decay, or L2 regularization
+    decouple_wd:bool=True, # True weight decay, or L2 regularization
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "AdEMAMix: Adam with a mixture of a fast and a slow gradient average"
     cbs = _decay(decouple_wd) + [partial(average_grad, dampening=True), average_sqr_grad, step_stat, slow_average,
                                  ademamix_step]
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, slow_mom=slow_mom, alpha=alpha, warmup=warmup,
-                     eps=eps, wd=wd)
+    return _build('AdEMAMix', params, cbs, settings, lr=lr, mom=mom, sqr_mom=sqr_mom, slow_mom=slow_mom, alpha=alpha,
+                  warmup=warmup, eps=eps, wd=wd)
 
 # %% ../nbs/13_modern.ipynb #000e2d70
 def stable_adamw_step(
@@ -320,11 +325,12 @@ def StableAdamW(
     mom:float=0.9, # Momentum of the gradient average, β1
     sqr_mom:float=0.99, # Momentum of the squared-gradient average, β2
     eps:float=1e-6, # Added to the denominator for numerical stability
-    wd:float=0.01 # True weight decay (at the clipped learning rate)
+    wd:float=0.01, # True weight decay (at the clipped learning rate)
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> Optimizer:
     "StableAdamW: AdamW with per-tensor update clipping"
     cbs = [partial(average_grad, dampening=True), average_sqr_grad, step_stat, stable_adamw_step]
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return _build('StableAdamW', params, cbs, settings, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/13_modern.ipynb #a661895e
 class UpdateOf:
@@ -552,12 +558,13 @@ def ScheduleFreeAdamW(
     wd:float=0., # Weight decay (added to the step as `wd*y`)
     warmup:int=0, # Steps of linear learning-rate warm-up
     r:float=0., # Power of the step in the averaging weights
-    weight_lr_power:float=2. # Power of the largest learning rate so far in the averaging weights
+    weight_lr_power:float=2., # Power of the largest learning rate so far in the averaging weights
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> ScheduleFreeOptimizer:
     "Schedule-Free AdamW: call `train()`/`eval()` to train at y and evaluate at x"
     cbs = [step_stat, schedule_free_weights, average_sqr_grad, schedule_free_adamw_step]
-    return ScheduleFreeOptimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, warmup=warmup, r=r,
-                                 weight_lr_power=weight_lr_power)
+    return _build('ScheduleFreeAdamW', params, cbs, settings, cls=ScheduleFreeOptimizer, lr=lr, mom=mom, sqr_mom=sqr_mom,
+                  eps=eps, wd=wd, warmup=warmup, r=r, weight_lr_power=weight_lr_power)
 
 def ScheduleFreeSGD(
     params:Tensor|Iterable, # Model parameters, or groups of them
@@ -566,11 +573,13 @@ def ScheduleFreeSGD(
     wd:float=0., # Weight decay (added to the gradient as `wd*y`)
     warmup:int=0, # Steps of linear learning-rate warm-up
     r:float=0., # Power of the step in the averaging weights
-    weight_lr_power:float=2. # Power of the largest learning rate so far in the averaging weights
+    weight_lr_power:float=2., # Power of the largest learning rate so far in the averaging weights
+    **settings # The Optimizer's settings: `execution`, `update_rounding`, `state_dtype`, `nonfinite_grads`, `seed`
 ) -> ScheduleFreeOptimizer:
     "Schedule-Free SGD: call `train()`/`eval()` to train at y and evaluate at x"
     cbs = [step_stat, schedule_free_weights, schedule_free_sgd_step]
-    return ScheduleFreeOptimizer(params, cbs, lr=lr, mom=mom, wd=wd, warmup=warmup, r=r, weight_lr_power=weight_lr_power)
+    return _build('ScheduleFreeSGD', params, cbs, settings, cls=ScheduleFreeOptimizer, lr=lr, mom=mom, wd=wd, warmup=warmup,
+                  r=r, weight_lr_power=weight_lr_power)
 
 # %% ../nbs/13_modern.ipynb #ea39cb18
 @functools.cache

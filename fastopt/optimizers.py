@@ -24,12 +24,13 @@ def _build(
     params:Tensor|Iterable, # Model parameters, or groups of them
     cbs:list, # Its callbacks
     settings:dict, # Optimizer settings given to the factory (`state_dtype=...`)
+    cls:type|None=None, # The class to build (a subclass of `Optimizer`); default: `Optimizer`
     **hypers # Its hyper-parameters
 ) -> Optimizer:
-    "An `Optimizer` running `cbs` on `params` with `hypers` and `settings`, named `name`"
+    "An `Optimizer` (or `cls`) running `cbs` on `params` with `hypers` and `settings`, named `name`"
     unknown = sorted(set(settings) - set(optimizer_settings))
     if unknown: raise TypeError(f"{name}() got unexpected keyword arguments {unknown}; its settings are {list(optimizer_settings)}")
-    opt = Optimizer(params, cbs, **settings, **hypers)
+    opt = (cls or Optimizer)(params, cbs, **settings, **hypers)
     opt.name = name
     return opt
 

@@ -602,3 +602,22 @@ def test_settings_are_not_hyper_parameters():
             with pytest.raises(ValueError, match='unknown hyper-parameter'): opt.set_hyper(name, 'nearest')
         run(opt, opt.param_lists, grad_stream(opt.param_lists, 1))
         assert all(name not in d for d in opt.state_dict()['param_groups'] for name in fastopt.optimizer.settings)
+
+MODERN = ['Lion', 'Adan', 'ADOPT', 'AdEMAMix', 'StableAdamW', 'ScheduleFreeAdamW', 'ScheduleFreeSGD', 'Adafactor', 'Muon',
+          'MuonAdamW']
+
+@pytest.mark.parametrize('name', MODERN)
+def test_every_modern_factory_takes_the_settings(name):
+    # as the fastai set does (`opt_func=partial(Lion, state_dtype=torch.bfloat16)` in a Learner), checked as there
+    import fastopt.modern
+    factory = getattr(fastopt.modern, name)
+    params = [torch.randn(4, 3, requires_grad=True)]
+    if name == 'MuonAdamW': params = [{'params': params, 'use_muon': True}]
+    make = lambda **kw: factory(params, lr=1e-3, **kw)
+    opt = make(execution='per_param', update_rounding='stochastic', state_dtype=BF16, seed=7, nonfinite_grads='raise')
+    inner = _inner(opt)
+    assert (inner.execution, inner.update_rounding, inner.state_dtype, inner.seed, inner.nonfinite_grads) == \
+           ('per_param', 'stochastic', BF16, 7, 'raise')
+    assert all(s not in g for g in opt.param_groups for s in fastopt.optimizer.settings)
+    with pytest.raises(ValueError, match='state_dtype'): make(state_dtype='bfloat16')
+    with pytest.raises(TypeError, match=f'{name}.*unexpected keyword'): make(rounding='kahan')
