@@ -256,7 +256,7 @@ class GroupPlan:
     def __init__(self, opt, params:list, hyper:dict, index:dict):
         by_key, self.rest, self.reasons = {}, [], []
         for p in params:
-            why = why_not_fusable(p)
+            why = why_not_fusable(p) or _why_not_int8(opt, p)
             key = None if why else _classify(p, opt.state[p], opt._storage_dtype(p))
             if key is None:
                 self.rest.append(p); self.reasons.append(why or "state that is neither tensors like the parameter nor numbers")
@@ -272,6 +272,11 @@ class GroupPlan:
         self.hyper_key = _hyper_key(hyper)
         self.settings = _settings_key(opt)
         self.ready = []   # (bucket, gradients, numbers) for this step, filled by `Planner.plan`
+
+def _why_not_int8(opt, p:Tensor) -> str|None:
+    "Why `p`'s 8-bit state keeps it from being fused, or `None`"
+    if opt._quantised(p): return "8-bit state (state_dtype='int8') runs per parameter: no fused kernel reads it yet"
+    return None
 
 def _settings_key(opt) -> tuple:
     "The settings a plan was made for"
