@@ -92,16 +92,32 @@ def _load(dtype, expr:str) -> str:
         return f'(T)(fo_q8map[{expr} + 127] * sc{expr[1:expr.index("[")]}[i >> 8])'
     return f'(T){expr}'
 
+_Q8_BIN0 = (127 - 24) << 7   # the bins of |x| start at 2**-24 (below the map's smallest midpoint): all smaller share bin 0
+
+def _q8_bins() -> list[int]:
+    "Per bin of |x| (its float32 exponent and 7 leading mantissa bits), the number of the map's midpoints below it"
+    from fastopt.engine.storage import INT8_MIDPOINTS
+    mids = INT8_MIDPOINTS[:-1]
+    lows = (torch.arange(_Q8_BIN0, (127 << 7) + 2, dtype=torch.int32) << 16).view(torch.float32)   # up to just above 1
+    below = torch.bucketize(lows, mids)   # midpoints < each bin's low end
+    assert mids[0] > lows[1] and (below[1:] - below[:-1]).max() <= 1   # at most one midpoint inside a bin
+    return below[:-1].tolist()
+
 def _int8_head() -> str:
-    "C of the 8-bit map: the code values, and the nearest code of a value scaled to [-1, 1] (a branch-free search)"
-    from .storage import INT8_MAP, INT8_MIDPOINTS
+    "C of the 8-bit map: the code values, and the nearest code of a value scaled to [-1, 1]"
+    from fastopt.engine.storage import INT8_MAP, INT8_MIDPOINTS
     fl = lambda t: ', '.join('INFINITY' if v == float('inf') else f'{v:.9e}f' for v in t.tolist())
+    bins = _q8_bins()
     return (f'static const float fo_q8map[255] = {{{fl(INT8_MAP)}}};\n'
-            f'static const float fo_q8mid[255] = {{{fl(INT8_MIDPOINTS)}}};\n'
+            f'static const float fo_q8mid[128] = {{{fl(INT8_MIDPOINTS)}}};\n'
+            f'static const int32_t fo_q8bin[{len(bins)}] = {{{", ".join(map(str, bins))}}};\n'
             'static inline int8_t fo_q8(float x) {\n'
-            '    int k = 0;   /* the number of midpoints below x: the code of the nearest map value, ties down */\n'
-            '    for (int s = 128; s > 0; s >>= 1) k += (fo_q8mid[k + s - 1] < x) ? s : 0;\n'
-            '    return (int8_t)(k - 127); }\n')
+            '    /* the number of midpoints below |x| (ties to zero): those below its bin, plus the one inside if below */\n'
+            '    const float a = FABS(x); uint32_t u; memcpy(&u, &a, 4);\n'
+            f'    int32_t j = (int32_t)(u >> 16) - {_Q8_BIN0};\n'
+            f'    j = j < 0 ? 0 : j > {len(bins) - 1} ? {len(bins) - 1} : j;\n'
+            '    const int32_t k = fo_q8bin[j] + (fo_q8mid[fo_q8bin[j]] < a);\n'
+            '    return (int8_t)(x < 0 ? -k : k); }\n')
 
 def _store(dtype, target:str, value:str) -> str:
     "C storing `value` (a `T`) into `target` of `dtype`, rounded to nearest"
@@ -210,8 +226,9 @@ def _loop_code(prog:Program, layout:Layout, k:int, store_phase:dict) -> list[str
     reduction = f' reduction(+:{",".join(accs)})' if accs else ''
     if q8:   # blocks of 256 (chunks start at multiples of it): values, their absolute maximum (the scale), codes
         quant = [l for b in q8 for l in (
-            f'            {{ float m = 0; for (int64_t j = 0; j < i1 - i0; j++) m = fmaxf(m, fabsf(q{b}[j]));',
-            f'              sc{b}[i0 >> 8] = m; const float d = m > 0 ? m : 1.0f;',
+            f'            {{ float m = 0;', '              #pragma omp simd reduction(max:m)',
+            f'              for (int64_t j = 0; j < i1 - i0; j++) {{ const float a = fabsf(q{b}[j]); m = a > m ? a : m; }}',
+            f'              sc{b}[i0 >> 8] = m; const float d = m > 0 ? m : 1.0f;', '              #pragma omp simd',
             f'              for (int64_t i = i0; i < i1; i++) b{b}[i] = fo_q8(q{b}[i - i0] / d); }}')]
         return ['    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)',
                 '    for (int64_t it = 0; it < n_items; it++) {',

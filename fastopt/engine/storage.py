@@ -103,22 +103,28 @@ def _dynamic_map() -> Tensor:
 INT8_MAP = _dynamic_map() # code c (-127..127) stands for `INT8_MAP[c + 127]` times its block's scale
 INT8_BLOCK = 256 # values per scale
 INT8_MIN_NUMEL = 4096 # tensors smaller than this keep float32 state
-# nearest code: a value goes to the code of the first midpoint not below it (ties to the lower code)
-INT8_MIDPOINTS = torch.cat([(INT8_MAP[1:].double() + INT8_MAP[:-1].double()).div(2).float(), torch.tensor([float('inf')])])
+def _midpoints(qmap:Tensor) -> Tensor:
+    "The midpoints between consecutive magnitudes of symmetric map `qmap` (float32)"
+    mags = qmap[len(qmap) // 2:].double()
+    return ((mags[1:] + mags[:-1]) / 2).float()
+
+# nearest code, sign and magnitude apart: |x| gets the magnitude of the number of midpoints below it (ties to zero)
+INT8_MIDPOINTS = torch.cat([_midpoints(INT8_MAP), torch.tensor([float('inf')])]) # 127 midpoints, then infinity
 
 def int8_scale_shape(numel:int) -> tuple: return (-(-numel // INT8_BLOCK),)
 
 def quantize_blockwise(x:Tensor, qmap:Tensor|None=None) -> tuple[Tensor, Tensor]:
     "`x` (float) as int8 codes of its shape and one float32 scale (absolute maximum) per block of 256 values"
     qmap = INT8_MAP if qmap is None else qmap
-    mids = ((qmap[1:].double() + qmap[:-1].double()) / 2).float().to(x.device)
+    mids = _midpoints(qmap).to(x.device)
     flat = x.detach().reshape(-1).float()
     n = flat.numel(); pad = (-n) % INT8_BLOCK
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, INT8_BLOCK)
     scales = blocks.abs().amax(1)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    idx = torch.bucketize(blocks / safe[:, None], mids)   # the number of midpoints below each value
-    codes = (idx - (len(qmap) // 2)).to(torch.int8).view(-1)[:n].view(x.shape)
+    y = blocks / safe[:, None]
+    mag = torch.bucketize(y.abs(), mids)   # the number of midpoints below each magnitude: the nearest one's code
+    codes = torch.where(y < 0, -mag, mag).to(torch.int8).view(-1)[:n].view(x.shape)
     return codes, scales
 
 def dequantize_blockwise(codes:Tensor, scales:Tensor, qmap:Tensor|None=None) -> Tensor:
