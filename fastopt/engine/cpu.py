@@ -89,7 +89,7 @@ def _load(dtype, expr:str) -> str:
     "C loading `expr` (an element of a buffer of `dtype`) as a `T`"
     if dtype in _FMT: return f'(T)fo_ld_{_FMT[dtype]}({expr})'
     if dtype == torch.int8:   # `expr` is `b{k}[i]`: its code times its block's scale, in float32 as the reference does
-        return f'(T)(fo_q8map[{expr} + 127] * sc{expr[1:expr.index("[")]}[i >> 8])'
+        return f'(T)(fo_q8map[{expr} + 127] * scl{expr[1:expr.index("[")]})'   # `scl`: the block's scale, read once
     return f'(T){expr}'
 
 _Q8_BIN0 = (127 - 24) << 7   # the bins of |x| start at 2**-24 (below the map's smallest midpoint): all smaller share bin 0
@@ -224,7 +224,8 @@ def _loop_code(prog:Program, layout:Layout, k:int, store_phase:dict) -> list[str
     head += [f'        const T pt{n} = (T)P[t*NPT + {prog.scalar_index[n]}];' for n in sorted(scalars)]
     head += [f'        double {a} = 0;' for a in accs]
     reduction = f' reduction(+:{",".join(accs)})' if accs else ''
-    if q8:   # blocks of 256 (chunks start at multiples of it): values, their absolute maximum (the scale), codes
+    int8_in = [b for b in sorted(bufs) if b < len(dtypes) and dtypes[b] == torch.int8]
+    if q8 or int8_in:   # blocks of 256 (chunks start at multiples of it): values, their absolute maximum (the scale), codes
         quant = [l for b in q8 for l in (
             f'            {{ float m = 0;', '              #pragma omp simd reduction(max:m)',
             f'              for (int64_t j = 0; j < i1 - i0; j++) {{ const float a = fabsf(q{b}[j]); m = a > m ? a : m; }}',
@@ -235,6 +236,7 @@ def _loop_code(prog:Program, layout:Layout, k:int, store_phase:dict) -> list[str
                 '        const int64_t t = items[3*it], lo = items[3*it+1], hi = items[3*it+2];', *head,
                 '        for (int64_t i0 = lo; i0 < hi; i0 += 256) {',
                 '            const int64_t i1 = i0 + 256 < hi ? i0 + 256 : hi;',
+                *[f'            const float scl{b} = sc{b}[i0 >> 8];' for b in int8_in],   # before it is overwritten
                 *[f'            float q{b}[256];' for b in q8],
                 f'            #pragma omp simd{reduction}', '            for (int64_t i = i0; i < i1; i++) {',
                 *['    ' + l for l in body], '            }', *quant, '        }',
