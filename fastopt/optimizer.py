@@ -699,7 +699,7 @@ def clear_state(self:Optimizer):
     "Reset the state of every parameter, keeping its `force_train` and `do_wd` flags"
     for p,s in list(self.state.items()): self.state[p] = {k: s[k] for k in self._keep_on_clear if k in s}
 
-# %% ../nbs/01_optimizer.ipynb #91652ca1
+# %% ../nbs/01_optimizer.ipynb #a6156b68
 @patch
 def state_dict(self:Optimizer) -> dict:
     "The optimizer's state, in torch.optim's format plus the names of its callbacks"
@@ -709,7 +709,7 @@ def state_dict(self:Optimizer) -> dict:
     sd['callbacks'] = [callback_name(cb) for cb in self.cbs]
     return sd
 
-# %% ../nbs/01_optimizer.ipynb #d6ff7aa3
+# %% ../nbs/01_optimizer.ipynb #a455b483
 def _loaded_value(opt, k:str, v, p:Tensor, schema:dict, where:str):
     "A private copy of state value `v` for parameter `p`, checked against what the callbacks keep, in its dtype"
     want = schema.get(k)
@@ -824,7 +824,7 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
         _convert_state(opt, p, state[p])
     return hypers, state
 
-# %% ../nbs/01_optimizer.ipynb #a6156b68
+# %% ../nbs/01_optimizer.ipynb #35800f12
 @patch
 def load_state_dict(self:Optimizer,
     state_dict:dict # From `state_dict()`, possibly through `torch.save`/`torch.load`
