@@ -111,12 +111,13 @@ def _int8_head() -> str:
     return (f'static const float fo_q8map[255] = {{{fl(INT8_MAP)}}};\n'
             f'static const float fo_q8mid[128] = {{{fl(INT8_MIDPOINTS)}}};\n'
             f'static const int32_t fo_q8bin[{len(bins)}] = {{{", ".join(map(str, bins))}}};\n'
+            f'static const float fo_q8binmid[{len(bins)}] = {{{fl(INT8_MIDPOINTS[bins])}}};\n'   # the bin's next midpoint
             'static inline int8_t fo_q8(float x) {\n'
             '    /* the number of midpoints below |x| (ties to zero): those below its bin, plus the one inside if below */\n'
             '    const float a = FABS(x); uint32_t u; memcpy(&u, &a, 4);\n'
             f'    int32_t j = (int32_t)(u >> 16) - {_Q8_BIN0};\n'
             f'    j = j < 0 ? 0 : j > {len(bins) - 1} ? {len(bins) - 1} : j;\n'
-            '    const int32_t k = fo_q8bin[j] + (fo_q8mid[fo_q8bin[j]] < a);\n'
+            '    const int32_t k = fo_q8bin[j] + (fo_q8binmid[j] < a);   /* two independent look-ups */\n'
             '    return (int8_t)(x < 0 ? -k : k); }\n')
 
 def _store(dtype, target:str, value:str) -> str:
