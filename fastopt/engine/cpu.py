@@ -89,36 +89,32 @@ def _load(dtype, expr:str) -> str:
     "C loading `expr` (an element of a buffer of `dtype`) as a `T`"
     if dtype in _FMT: return f'(T)fo_ld_{_FMT[dtype]}({expr})'
     if dtype == torch.int8:   # `expr` is `b{k}[i]`: its code times its block's scale, in float32 as the reference does
-        return f'(T)(fo_q8map[{expr} + 127] * scl{expr[1:expr.index("[")]})'   # `scl`: the block's scale, read once
+        return f'(T)(fo_dq8({expr}) * scl{expr[1:expr.index("[")]})'   # `scl`: the block's scale, read once
     return f'(T){expr}'
 
-_Q8_BIN0 = (127 - 24) << 7   # the bins of |x| start at 2**-24 (below the map's smallest midpoint): all smaller share bin 0
-
-def _q8_bins() -> list[int]:
-    "Per bin of |x| (its float32 exponent and 7 leading mantissa bits), the number of the map's midpoints below it"
-    from fastopt.engine.storage import INT8_MIDPOINTS
-    mids = INT8_MIDPOINTS[:-1]
-    lows = (torch.arange(_Q8_BIN0, (127 << 7) + 2, dtype=torch.int32) << 16).view(torch.float32)   # up to just above 1
-    below = torch.bucketize(lows, mids)   # midpoints < each bin's low end
-    assert mids[0] > lows[1] and (below[1:] - below[:-1]).max() <= 1   # at most one midpoint inside a bin
-    return below[:-1].tolist()
-
 def _int8_head() -> str:
-    "C of the 8-bit map: the code values, and the nearest code of a value scaled to [-1, 1]"
-    from fastopt.engine.storage import INT8_MAP, INT8_MIDPOINTS
-    fl = lambda t: ', '.join('INFINITY' if v == float('inf') else f'{v:.9e}f' for v in t.tolist())
-    bins = _q8_bins()
-    return (f'static const float fo_q8map[255] = {{{fl(INT8_MAP)}}};\n'
-            f'static const float fo_q8mid[128] = {{{fl(INT8_MIDPOINTS)}}};\n'
-            f'static const int32_t fo_q8bin[{len(bins)}] = {{{", ".join(map(str, bins))}}};\n'
-            f'static const float fo_q8binmid[{len(bins)}] = {{{fl(INT8_MIDPOINTS[bins])}}};\n'   # the bin's next midpoint
-            'static inline int8_t fo_q8(float x) {\n'
-            '    /* the number of midpoints below |x| (ties to zero): those below its bin, plus the one inside if below */\n'
-            '    const float a = FABS(x); uint32_t u; memcpy(&u, &a, 4);\n'
-            f'    int32_t j = (int32_t)(u >> 16) - {_Q8_BIN0};\n'
-            f'    j = j < 0 ? 0 : j > {len(bins) - 1} ? {len(bins) - 1} : j;\n'
-            '    const int32_t k = fo_q8bin[j] + (fo_q8binmid[j] < a);   /* two independent look-ups */\n'
-            '    return (int8_t)(x < 0 ? -k : k); }\n')
+    "C of the 8-bit map (see storage): a code's value, and the nearest code of a value scaled to [-1, 1], bit arithmetic"
+    # integer masks, not conditional expressions on floats: gcc vectorizes these loops only in that form
+    return r'''typedef union { float f; uint32_t u; } fo_fu;
+static inline float fo_dq8(int8_t c) {
+    const int32_t ci = c, m = ci < 0 ? -ci : ci;   /* magnitude: 4 exponent bits, 3 fraction bits; m * 2^-17 below 8 */
+    fo_fu v, s; v.u = (uint32_t)(m + ((127 - 15) << 3)) << 20; s.f = (float)m * 0x1p-17f;
+    const uint32_t low = -(uint32_t)(m < 8);
+    v.u = ((s.u & low) | (v.u & ~low)) | ((uint32_t)(ci < 0) << 31);
+    return v.f; }
+static inline int8_t fo_q8(float x) {
+    /* the nearest magnitude, ties to zero: truncate to 3 fraction bits, then up if the rest is above the midpoint */
+    fo_fu v; v.f = x; const int32_t sg = (int32_t)(v.u >> 31); const uint32_t u = v.u & 0x7fffffffu;
+    int32_t m = (int32_t)(u >> 20) - ((127 - 15) << 3) + (int32_t)((u & 0xFFFFFu) > 0x80000u);
+    fo_fu c, w; c.f = 0x1p-14f;   /* below 2^-14: evenly spaced, 2^-17 apart */
+    const uint32_t low = -(uint32_t)(u < c.u);
+    w.u = (u & low) | (c.u & ~low);
+    const float s = w.f * 0x1p17f; const int32_t k = (int32_t)s;
+    const int32_t ks = k + (int32_t)((s - (float)k) > 0.5f);
+    m = (ks & (int32_t)low) | (m & ~(int32_t)low);
+    m = m - ((m - 127) & -(int32_t)(m > 127));   /* at most 127 (a NaN) */
+    return (int8_t)((m ^ -sg) + sg); }
+'''
 
 def _store(dtype, target:str, value:str) -> str:
     "C storing `value` (a `T`) into `target` of `dtype`, rounded to nearest"

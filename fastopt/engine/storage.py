@@ -92,11 +92,10 @@ def store_param(
 # %% ../../nbs/08_storage.ipynb #5cf7db3e
 def _dynamic_map() -> Tensor:
     "The 255 values of the signed dynamic map, ascending: code `c` (-127..127) is entry `c + 127`"
-    mags = [0.0]
-    for m in range(1, 128):
-        e = 7 - m.bit_length()               # leading zeros of the 7-bit magnitude: the decade
-        k = 6 - e; f = m - (1 << k)          # the bits after the first one: the fraction
-        mags.append(10.0**-e * (0.1 + 0.9 * (f + 1) / 2**k))
+    mags = []
+    for m in range(128):
+        e, f = m >> 3, m & 7   # 4 exponent bits, 3 fraction bits
+        mags.append(f * 2.0**-17 if e == 0 else 2.0**(e - 15) * (1 + f / 8))
     mags = torch.tensor(mags, dtype=torch.float64)
     return torch.cat([-mags.flip(0)[:-1], mags]).to(torch.float32)
 
