@@ -17,6 +17,7 @@ from fastcore.basics import even_mults, patch
 from fastcore.foundation import L
 from .engine.plan import Planner
 from .engine.storage import LOW_PRECISION, RESERVED, roundings, compute_dtype, real_view, store_param, rounding_key
+from .engine.storage import INT8_MIN_NUMEL, quantize_blockwise, dequantize_blockwise, int8_scale_shape
 
 # %% auto #0
 __all__ = ['hyper_checks', 'torch_aliases', 'executions', 'settings', 'nonfinite_policies', 'resolve_hyper', 'non_negative',
@@ -405,16 +406,34 @@ _STATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def _get_state_dtype(self): return self.__dict__.get('_state_dtype')
 def _set_state_dtype(self, v):
-    if v is not None and v not in _STATE_DTYPES:
-        raise ValueError(f"state_dtype must be None or one of {[str(d) for d in _STATE_DTYPES]}, got {v!r}")
+    if v is not None and v != 'int8' and v not in _STATE_DTYPES:   # (a dtype compared with a str is just unequal)
+        raise ValueError(f"state_dtype must be None, 'int8' (block-wise 8-bit state) or one of "
+                         f"{[str(d) for d in _STATE_DTYPES]}, got {v!r}")
     self.__dict__['_state_dtype'] = v
     self.__dict__.pop('_planner', None)   # plans were made for the old storage
-    for p, st in getattr(self, 'state', {}).items():   # existing state is converted now
-        for k, t in st.items():
-            if isinstance(t, Tensor) and t.is_floating_point() and k not in RESERVED and t.dtype != self._storage_dtype(p):
-                st[k] = t.to(self._storage_dtype(p))
+    for p, st in getattr(self, 'state', {}).items(): _convert_state(self, p, st)   # existing state is converted now
 Optimizer.state_dtype = property(_get_state_dtype, _set_state_dtype,
-    doc="The dtype of every floating state tensor: None (each in its parameter's dtype, torch's convention) or one")
+    doc="How floating state is kept: None (each in its parameter's dtype, torch's convention), a floating dtype, or "
+        "'int8' (8-bit block-wise codes for the per-element state of parameters of 4,096 values or more)")
+
+def _int8_entries(st:dict) -> dict:
+    "The names of `st`'s int8 state tensors and their block scales"
+    return st.get('int8_scales', {})
+
+def _convert_state(opt, p:Tensor, st:dict):
+    "Convert parameter `p`'s state `st` in place to the storage `opt.state_dtype` asks for"
+    for k, scales in list(_int8_entries(st).items()):   # 8-bit first back to float32
+        st[k] = dequantize_blockwise(st[k], scales)
+    st.pop('int8_scales', None)
+    for k, t in list(st.items()):
+        if not isinstance(t, Tensor) or not t.is_floating_point() or k in RESERVED: continue
+        if opt._quantised(p, t): _quantise_into(st, k, t)
+        elif t.dtype != opt._storage_dtype(p): st[k] = t.to(opt._storage_dtype(p))
+
+def _quantise_into(st:dict, k:str, t:Tensor):
+    "Keep float `t` as state `k` of `st` in 8 bits: codes in `st[k]`, block scales in the reserved entry"
+    st[k], scales = quantize_blockwise(t)
+    st.setdefault('int8_scales', {})[k] = scales
 
 def _get_seed(self): return self.__dict__.get('_seed', 0)
 def _set_seed(self, v):
@@ -428,7 +447,15 @@ settings = ('execution', 'nonfinite_grads', 'update_rounding', 'state_dtype', 's
 @patch
 def _storage_dtype(self:Optimizer, p:Tensor) -> torch.dtype:
     "The dtype in which `p`'s floating state is kept"
-    return p.dtype if p.is_complex() else (self.state_dtype or p.dtype)
+    if p.is_complex(): return p.dtype
+    if self.state_dtype == 'int8': return torch.float32   # what is not quantised (small tensors, numbers) stays float32
+    return self.state_dtype or p.dtype
+
+@patch
+def _quantised(self:Optimizer, p:Tensor, t:Tensor|None=None) -> bool:
+    "Whether `p`'s per-element state (or state tensor `t` of `p`) is kept as 8-bit codes"
+    return self.state_dtype == 'int8' and not p.is_complex() and p.is_floating_point() and \
+           p.numel() >= INT8_MIN_NUMEL and (t is None or (t.shape == p.shape and t.is_floating_point()))
 
 def _inner_setting(name:str) -> property:
     "A wrapper's setting `name`: the wrapped optimizer's"
@@ -489,16 +516,20 @@ def _step_param(self:Optimizer, p:Tensor, hyper:dict):
     w = view if view.dtype == cdt else view.to(cdt)
     w.grad = real_view(p.grad).to(cdt, copy=True, memory_format=torch.contiguous_format)   # the user's stays as it is
     work, copied = {}, set()   # the state tensors as the callbacks see them; those that are copies
+    int8 = _int8_entries(state)
     for k,v in state.items():
         if not isinstance(v, Tensor) or k in RESERVED: continue
         work[k] = real_view(v)
-        if work[k].dtype != cdt and work[k].is_floating_point(): work[k] = work[k].to(cdt); copied.add(k)
+        if k in int8: work[k] = dequantize_blockwise(v, int8[k]).to(cdt); copied.add(k)   # 8-bit: float32 copy
+        elif work[k].dtype != cdt and work[k].is_floating_point(): work[k] = work[k].to(cdt); copied.add(k)
     cur = {k: v for k,v in state.items() if k not in RESERVED} | work
     for cb in self.cbs:
         new = cb(w, **{**cur, **hyper})
         if isinstance(new, dict): cur.update(new)
     for k,v in cur.items():
         if not isinstance(v, Tensor): state[k] = v
+        elif self._quantised(p, v) and (k not in work or work[k] is not v or k in copied):
+            _quantise_into(state, k, v)   # 8-bit: new codes and block scales
         elif k in work and work[k] is v:
             if k in copied: state[k].copy_(v)   # stored back in its dtype, rounded to nearest
         elif p.is_complex() and v.shape == w.shape: state[k] = torch.view_as_complex(v.contiguous())
@@ -686,7 +717,7 @@ def clear_state(self:Optimizer):
     "Reset the state of every parameter, keeping its `force_train` and `do_wd` flags"
     for p,s in list(self.state.items()): self.state[p] = {k: s[k] for k in self._keep_on_clear if k in s}
 
-# %% ../nbs/01_optimizer.ipynb #91652ca1
+# %% ../nbs/01_optimizer.ipynb #a6156b68
 @patch
 def state_dict(self:Optimizer) -> dict:
     "The optimizer's state, in torch.optim's format plus the names of its callbacks"
@@ -696,7 +727,7 @@ def state_dict(self:Optimizer) -> dict:
     sd['callbacks'] = [callback_name(cb) for cb in self.cbs]
     return sd
 
-# %% ../nbs/01_optimizer.ipynb #d6ff7aa3
+# %% ../nbs/01_optimizer.ipynb #a455b483
 def _loaded_value(opt, k:str, v, p:Tensor, schema:dict, where:str):
     "A private copy of state value `v` for parameter `p`, checked against what the callbacks keep, in its dtype"
     want = schema.get(k)
@@ -719,6 +750,22 @@ def _loaded_value(opt, k:str, v, p:Tensor, schema:dict, where:str):
     if want == 'float' and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
         raise ValueError(f"{where} is {v!r}; the callbacks keep a number there")
     return copy.deepcopy(v)
+
+def _dequantised(s:Mapping, p:Tensor, idx) -> dict:
+    "Saved state `s` with its 8-bit entries (int8 codes and their block scales) as float32 tensors; checks them"
+    scales = s.get('int8_scales')
+    if scales is None: return dict(s)
+    if not isinstance(scales, Mapping): raise ValueError(f"state 'int8_scales' of parameter {idx} is not a dict")
+    out = {k: v for k,v in s.items() if k != 'int8_scales'}
+    for k,sc in scales.items():
+        c = s.get(k)
+        if not isinstance(c, Tensor) or c.dtype != torch.int8 or tuple(c.shape) != tuple(p.shape):
+            raise ValueError(f"state {k!r} of parameter {idx} has block scales but is not int8 codes of the parameter's shape")
+        if not isinstance(sc, Tensor) or not sc.is_floating_point() or tuple(sc.shape) != int8_scale_shape(c.numel()):
+            raise ValueError(f"the block scales of state {k!r} of parameter {idx} are not a float tensor of shape "
+                             f"{int8_scale_shape(c.numel())}")
+        out[k] = dequantize_blockwise(c.to(p.device), sc.to(device=p.device, dtype=torch.float32))
+    return out
 
 def _state_schema(opt, hyper:dict, p:Tensor) -> dict:
     "What the callbacks keep in a parameter's state after one step: name -> 'tensor', 'int', 'float' or a type name"
@@ -790,10 +837,12 @@ def _checked_state_dict(opt:Optimizer, sd) -> tuple[list[dict], dict]:
             raise ValueError(f"state of parameter {idx} holds a Kahan compensation buffer (saved with "
                              f"update_rounding='kahan'); this optimizer uses update_rounding={opt.update_rounding!r} "
                              f"for a {p.dtype} parameter: set update_rounding='kahan' to load it")
+        s = _dequantised(s, p, idx)   # 8-bit state as float32 first: checked as any state, then stored as `opt` keeps it
         state[p] = {k: _loaded_value(opt, k, v, p, schema, f"state {k!r} of parameter {idx}") for k,v in s.items()}
+        _convert_state(opt, p, state[p])
     return hypers, state
 
-# %% ../nbs/01_optimizer.ipynb #a6156b68
+# %% ../nbs/01_optimizer.ipynb #35800f12
 @patch
 def load_state_dict(self:Optimizer,
     state_dict:dict # From `state_dict()`, possibly through `torch.save`/`torch.load`

@@ -28,7 +28,8 @@ _C_EXPR = {
 }
 
 # %% ../../nbs/08_cpu.ipynb #cb470b5f
-C_TYPES = {torch.float32: 'float', torch.float64: 'double', torch.bfloat16: 'uint16_t', torch.float16: '_Float16'} # storage dtype -> C type
+C_TYPES = {torch.float32: 'float', torch.float64: 'double', torch.bfloat16: 'uint16_t', torch.float16: '_Float16',
+           torch.int8: 'int8_t'} # storage dtype -> C type (int8: 8-bit block-wise codes, with a float scale per block)
 LOW_PRECISION = (torch.bfloat16, torch.float16) # dtypes whose parameters take `update_rounding`
 
 _C_HEAD = r'''#include <stdint.h>
@@ -87,7 +88,33 @@ _FMT = {torch.bfloat16: 'bf16', torch.float16: 'f16'}
 def _load(dtype, expr:str) -> str:
     "C loading `expr` (an element of a buffer of `dtype`) as a `T`"
     if dtype in _FMT: return f'(T)fo_ld_{_FMT[dtype]}({expr})'
+    if dtype == torch.int8:   # `expr` is `b{k}[i]`: its code times its block's scale, in float32 as the reference does
+        return f'(T)(fo_dq8({expr}) * scl{expr[1:expr.index("[")]})'   # `scl`: the block's scale, read once
     return f'(T){expr}'
+
+def _int8_head() -> str:
+    "C of the 8-bit map (see storage): a code's value, and the nearest code of a value scaled to [-1, 1], bit arithmetic"
+    # integer masks, not conditional expressions on floats: gcc vectorizes these loops only in that form
+    return r'''typedef union { float f; uint32_t u; } fo_fu;
+static inline float fo_dq8(int8_t c) {
+    const int32_t ci = c, m = ci < 0 ? -ci : ci;   /* magnitude: 4 exponent bits, 3 fraction bits; m * 2^-17 below 8 */
+    fo_fu v, s; v.u = (uint32_t)(m + ((127 - 15) << 3)) << 20; s.f = (float)m * 0x1p-17f;
+    const uint32_t low = -(uint32_t)(m < 8);
+    v.u = ((s.u & low) | (v.u & ~low)) | ((uint32_t)(ci < 0) << 31);
+    return v.f; }
+static inline int8_t fo_q8(float x) {
+    /* the nearest magnitude, ties to zero: truncate to 3 fraction bits, then up if the rest is above the midpoint */
+    fo_fu v; v.f = x; const int32_t sg = (int32_t)(v.u >> 31); const uint32_t u = v.u & 0x7fffffffu;
+    int32_t m = (int32_t)(u >> 20) - ((127 - 15) << 3) + (int32_t)((u & 0xFFFFFu) > 0x80000u);
+    fo_fu c, w; c.f = 0x1p-14f;   /* below 2^-14: evenly spaced, 2^-17 apart */
+    const uint32_t low = -(uint32_t)(u < c.u);
+    w.u = (u & low) | (c.u & ~low);
+    const float s = w.f * 0x1p17f; const int32_t k = (int32_t)s;
+    const int32_t ks = k + (int32_t)((s - (float)k) > 0.5f);
+    m = (ks & (int32_t)low) | (m & ~(int32_t)low);
+    m = m - ((m - 127) & -(int32_t)(m > 127));   /* at most 127 (a NaN) */
+    return (int8_t)((m ^ -sg) + sg); }
+'''
 
 def _store(dtype, target:str, value:str) -> str:
     "C storing `value` (a `T`) into `target` of `dtype`, rounded to nearest"
@@ -104,6 +131,9 @@ class Layout:
     ):
         if dtypes[0] not in LOW_PRECISION: rounding = 'nearest'   # it applies to low-precision parameters only
         self.compute, self.dtypes, self.rounding = compute, tuple(dtypes), rounding
+        # 8-bit buffers' block scales come after the buffers (and the Kahan buffer), in buffer order
+        first = len(self.dtypes) + (rounding == 'kahan')
+        self.scale_rows = {b: first + j for j,b in enumerate(b for b,d in enumerate(self.dtypes) if d == torch.int8)}
     @property
     def key(self) -> tuple: return (self.compute, self.dtypes, self.rounding)
     def __repr__(self): return f"Layout({self.compute}, {self.dtypes}, {self.rounding!r})"
@@ -176,17 +206,38 @@ def _loop_code(prog:Program, layout:Layout, k:int, store_phase:dict) -> list[str
     for s in sums:
         r = prog.sums.index(s); accs.append(f'acc{r}')
         body.append(f'            acc{r} += (double){name(nodes[s][1][0])};')
+    q8 = [b for b,_ in stores if dtypes[b] == torch.int8]   # 8-bit outputs: a block's values first, then its codes
     for b,n in stores:   # after every load
         bufs.add(b)
         body += [f'            {l}' for l in (_param_store(layout, name(n)) if b == 0 else
+                                               [f'q{b}[i - i0] = (float){name(n)};'] if b in q8 else
                                                [_store(dtypes[b], f'b{b}[i]', name(n))])]
         if b == 0 and layout.rounding == 'kahan': bufs.add(len(dtypes))
     ctype = lambda b: C_TYPES[dtypes[b]] if b < len(dtypes) else C_TYPES[dtypes[0]]
     head = [f'        {"uint16_t" if ctype(b) == "_Float16" else ctype(b)}* restrict b{b} = '
             f'({"uint16_t" if ctype(b) == "_Float16" else ctype(b)}*)bufs[{b}*n_tensors + t];' for b in sorted(bufs)]
+    head += [f'        float* restrict sc{b} = (float*)bufs[{layout.scale_rows[b]}*n_tensors + t];'
+             for b in sorted(bufs) if b < len(dtypes) and dtypes[b] == torch.int8]
     head += [f'        const T pt{n} = (T)P[t*NPT + {prog.scalar_index[n]}];' for n in sorted(scalars)]
     head += [f'        double {a} = 0;' for a in accs]
     reduction = f' reduction(+:{",".join(accs)})' if accs else ''
+    int8_in = [b for b in sorted(bufs) if b < len(dtypes) and dtypes[b] == torch.int8]
+    if q8 or int8_in:   # blocks of 256 (chunks start at multiples of it): values, their absolute maximum (the scale), codes
+        quant = [l for b in q8 for l in (
+            f'            {{ float m = 0;', '              #pragma omp simd reduction(max:m)',
+            f'              for (int64_t j = 0; j < i1 - i0; j++) {{ const float a = fabsf(q{b}[j]); m = a > m ? a : m; }}',
+            f'              sc{b}[i0 >> 8] = m; const float d = m > 0 ? m : 1.0f;', '              #pragma omp simd',
+            f'              for (int64_t i = i0; i < i1; i++) b{b}[i] = fo_q8(q{b}[i - i0] / d); }}')]
+        return ['    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)',
+                '    for (int64_t it = 0; it < n_items; it++) {',
+                '        const int64_t t = items[3*it], lo = items[3*it+1], hi = items[3*it+2];', *head,
+                '        for (int64_t i0 = lo; i0 < hi; i0 += 256) {',
+                '            const int64_t i1 = i0 + 256 < hi ? i0 + 256 : hi;',
+                *[f'            const float scl{b} = sc{b}[i0 >> 8];' for b in int8_in],   # before it is overwritten
+                *[f'            float q{b}[256];' for b in q8],
+                f'            #pragma omp simd{reduction}', '            for (int64_t i = i0; i < i1; i++) {',
+                *['    ' + l for l in body], '            }', *quant, '        }',
+                *[f'        partial[it*NRED + {a[3:]}] = {a};' for a in accs], '    }']
     return ['    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)',
             '    for (int64_t it = 0; it < n_items; it++) {',
             '        const int64_t t = items[3*it], lo = items[3*it+1], hi = items[3*it+2];', *head,
@@ -211,6 +262,7 @@ def kernel_source(prog:Program, layout:Layout) -> str:
                           nslot=max(len(prog.slots), 1))
     for d in dict.fromkeys(layout.dtypes):
         if d in _C_FORMATS: head += _C_FORMATS[d]
+    if torch.int8 in layout.dtypes: head += _int8_head()
     if layout.rounding == 'stochastic' and layout.dtypes[0] != torch.bfloat16: head += _C_ROUNDING.format(f=_FMT[layout.dtypes[0]])
     return head + _C_SIGNATURE + ' {\n' + '\n'.join(lines) + '\n}\n'
 

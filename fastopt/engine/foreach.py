@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from .trace import Program, _LEAVES
 from .cpu import Layout
-from .storage import store_param
+from .storage import store_param, quantize_blockwise, dequantize_blockwise
 
 # %% auto #0
 __all__ = ['ELEMENT_OPS', 'FOREACH_OPS', 'Interpreter']
@@ -121,7 +121,8 @@ def _call(self:Interpreter,
     ptin:list, # Per `scalar_keys` entry, a 1-D tensor of the tensors' values (compute dtype)
     numel:Tensor, # The tensors' element counts, a 1-D tensor (compute dtype)
     comps:list|None=None, # The parameters' Kahan buffers (real views), for 'kahan'
-    keys:list|None=None # The parameters' random keys at this step, for 'stochastic'
+    keys:list|None=None, # The parameters' random keys at this step, for 'stochastic'
+    scales:dict|None=None # Per 8-bit (int8) buffer, the tensors' block scales
 ) -> dict:
     "Run the program on the bucket's tensors: write its stores, return its per-tensor outputs (node -> 1-D tensor)"
     prog, T, rounding = self.prog, self.layout.compute, self.layout.rounding
@@ -133,7 +134,9 @@ def _call(self:Interpreter,
     for i,(n,op,args,kind) in enumerate(self.steps):
         if op == 'load':
             ts = bufs[args[0]]
-            if all(t.dtype == T for t in ts): v = list(ts)
+            if ts and ts[0].dtype == torch.int8:   # 8-bit codes: the storage reference's dequantisation
+                v = [_as(dequantize_blockwise(c, s), T) for c,s in zip(ts, scales[args[0]])]; owned.add(n)
+            elif all(t.dtype == T for t in ts): v = list(ts)
             else: v = [_as(t, T) for t in ts]; owned.add(n)
         elif op == 'ptin': v = ptin[args[0]]
         elif op == 'numel': v = numel
@@ -165,7 +168,7 @@ def _call(self:Interpreter,
                 v = [_as(f(*xs), T) for xs in zip(*cols)]
             owned.add(n)
         env[n] = v
-        for b,s in self.stores.get(i, ()): _store(self, bufs, b, env[s], rounding, comps, keys)
+        for b,s in self.stores.get(i, ()): _store(self, bufs, b, env[s], rounding, comps, keys, scales)
         for a in self.frees.get(i, ()): env.pop(a, None); owned.discard(a)
     return {node: env[node] for _,node in prog.scalar_out}
 
@@ -173,8 +176,12 @@ def _stored_from(self:Interpreter, i:int) -> set:
     "The value nodes stored after step `i` (an in-place operation there must not overwrite them first)"
     return {s for _,s in self.stores.get(i, ())}
 
-def _store(self:Interpreter, bufs:list, b:int, value:list, rounding:str, comps, keys):
-    "Store `value` (compute dtype) into buffer `b`, the parameter with its rounding"
+def _store(self:Interpreter, bufs:list, b:int, value:list, rounding:str, comps, keys, scales=None):
+    "Store `value` (compute dtype) into buffer `b`, the parameter with its rounding, 8-bit state quantised"
+    if bufs[b] and bufs[b][0].dtype == torch.int8:
+        for c,s,x in zip(bufs[b], scales[b], value):
+            codes, sc = quantize_blockwise(x); c.copy_(codes); s.copy_(sc)
+        return
     if b != 0 or rounding == 'nearest': torch._foreach_copy_(bufs[b], value); return
     for j,(p,w) in enumerate(zip(bufs[0], value)):
         store_param(p, w, rounding, comps[j] if comps is not None else None, keys[j] if keys is not None else 0)

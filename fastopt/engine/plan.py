@@ -12,12 +12,12 @@ from operator import attrgetter, is_not
 from torch import Tensor
 from .trace import NotTraceable, Program, trace, is_number
 from .cpu import Layout, compile_kernel, kernel_source
-from .storage import LOW_PRECISION, RESERVED, compute_dtype, real_view, rounding_key, mix32
+from .storage import LOW_PRECISION, RESERVED, compute_dtype, real_view, rounding_key, mix32, int8_scale_shape
 from .foreach import Interpreter
 from .triton import TritonRunner, run_bucket, triton_device
 
 # %% auto #0
-__all__ = ['why_not_fusable', 'has_emitter', 'backend_for', 'Bucket', 'GroupPlan', 'Planner']
+__all__ = ['INT8_BACKENDS', 'why_not_fusable', 'has_emitter', 'backend_for', 'Bucket', 'GroupPlan', 'Planner']
 
 # %% ../../nbs/08_fusion.ipynb #768d0f18
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -62,9 +62,15 @@ _kernels = {}   # (program source) -> kernel, shared by every optimizer of the p
 
 def _classify(p:Tensor, st:dict, storage) -> tuple|None:
     "The structure of `p`'s state: `(name, kind, ...)` per entry; `None` if it cannot be fused"
-    key = []
+    key, int8 = [], st.get('int8_scales', {})
     for k,v in st.items():
         if k in RESERVED: continue
+        if k in int8:   # 8-bit codes of the parameter's shape, and their block scales (float32)
+            sc = int8[k]
+            if type(v) is not Tensor or v.dtype != torch.int8 or v.shape != p.shape or not v.is_contiguous() or \
+               v.device != p.device or type(sc) is not Tensor or sc.dtype != torch.float32 or sc.device != p.device \
+               or not sc.is_contiguous() or tuple(sc.shape) != int8_scale_shape(v.numel()): return None
+            key.append((k, 'buffer', torch.int8)); continue
         if isinstance(v, Tensor):
             if type(v) is not Tensor or v.device != p.device or not (v.is_floating_point() or v.is_complex()): return None
             if v.shape == p.shape and v.is_contiguous() and v.is_complex() == p.is_complex():
@@ -102,7 +108,10 @@ class Bucket:
         except Exception as e: raise NotTraceable(f"tracing raised {type(e).__name__}: {e}") from e
         self.prog = prog = Program(tr, final, self.buffer_keys)
         real = lambda d: {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(d, d)
-        dtypes = [real(p0.dtype), real(p0.grad.dtype)] + [real(self.storage)]*(prog.n_bufs - 2)
+        self.int8 = opt._quantised(p0)   # new per-element state is kept as 8-bit codes
+        kept = {e[0]: e[2] for e in key if e[1] == 'buffer'}   # an existing buffer's storage (float or int8)
+        dtypes = [real(p0.dtype), real(p0.grad.dtype)] + [real(kept[k]) for k in self.buffer_keys] + \
+                 [torch.int8 if self.int8 else real(self.storage)] * len(prog.new_keys)
         self.rounding = opt.update_rounding if dtypes[0] in LOW_PRECISION else 'nearest'
         self.layout = Layout(self.cdt, tuple(dtypes), self.rounding)
         if backend == 'foreach': self.fn = Interpreter(prog, self.layout)
@@ -132,6 +141,8 @@ def _check(b:Bucket, state:dict) -> list|None:
     if any(map(is_not, map(state.get, params), states)) or list(map(len, states)) != b.lens: return None
     for k, ids in zip(b.row_keys, b.row_ids):
         if list(map(id, map(dict.get, states, repeat(k)))) != ids: return None
+    for k, ids in zip(b.scale_keys, b.scale_ids):   # 8-bit state: its scales too
+        if [id(st.get('int8_scales', {}).get(k)) for st in states] != ids: return None
     grads = list(map(_grad_of, params))
     # (the step checked that every gradient is dense and shaped like its parameter before planning)
     if set(map(type, grads)) != _JUST_TENSOR or set(map(_dtype_of, grads)) != {b.gdt} \
@@ -159,7 +170,12 @@ def _static_table(b:Bucket) -> np.ndarray:
     bufs = np.zeros((prog.n_bufs + (b.rounding == 'kahan'), len(b.params)), np.int64)
     bufs[0] = b.pptrs
     for j,k in enumerate(b.buffer_keys): bufs[2+j] = [s[k].data_ptr() for s in states]
-    if b.rounding == 'kahan': bufs[-1] = [st['kahan_comp'].data_ptr() for st in states]
+    if b.rounding == 'kahan': bufs[prog.n_bufs] = [st['kahan_comp'].data_ptr() for st in states]
+    rows = b.layout.scale_rows
+    if rows:
+        bufs = np.concatenate([bufs, np.zeros((len(rows), len(b.params)), np.int64)])
+        for j,k in enumerate(b.buffer_keys):
+            if 2+j in rows: bufs[rows[2+j]] = [s['int8_scales'][k].data_ptr() for s in states]
     return bufs
 
 def _refresh(b:Bucket):
@@ -167,6 +183,9 @@ def _refresh(b:Bucket):
     b.row_keys = b.buffer_keys + b.scalar_keys + [k for k in ('kahan_comp',) if k in b.states[0]]
     b.rows = [tuple(map(st.get, b.row_keys)) for st in b.states]
     b.row_ids = [[id(r[j]) for r in b.rows] for j in range(len(b.row_keys))]   # per entry, over the tensors
+    b.scale_keys = [k for k in b.buffer_keys if k in b.states[0].get('int8_scales', ())]
+    b.scale_ids = [[id(st['int8_scales'][k]) for st in b.states] for k in b.scale_keys]
+    b.scale_rows = [[st['int8_scales'][k] for st in b.states] for k in b.scale_keys]   # alive while compared by id
     b.lens = list(map(len, b.states))
     b.static = None
 
@@ -182,6 +201,8 @@ def _prepare(b:Bucket) -> bool:
         b.static = dict(params=[real_view(p.detach()) for p in b.params],
                         state=[[real_view(s[k]) for s in b.states] for k in b.buffer_keys],
                         comps=[real_view(s['kahan_comp']) for s in b.states] if b.rounding == 'kahan' else None,
+                        scales={2+j: [s['int8_scales'][k] for s in b.states] for j,k in enumerate(b.buffer_keys)
+                                if b.layout.dtypes[2+j] == torch.int8},
                         numel=torch.tensor(b.numel.tolist(), dtype=T, device=b.device))
     return changed
 
@@ -191,21 +212,25 @@ def _run(b:Bucket, opt, grads:list, numbers:tuple):
     slots, numbers = numbers
     n = len(params)
     changed = _prepare(b) if b.static is None else False
-    new = {k: [torch.empty_like(p, dtype=b.storage) for p in params] for k in prog.new_keys}
+    new = {k: [torch.empty_like(p, dtype=torch.int8 if b.int8 else b.storage) for p in params] for k in prog.new_keys}
+    new_scales = {k: [torch.empty(int8_scale_shape(p.numel()), device=p.device) for p in params]
+                  for k in prog.new_keys} if b.int8 else {}
     keys = step = None
     if b.rounding == 'stochastic':
         step = np.fromiter((st.get('rounding_step', 0) + 1 for st in states), np.int64, n)
         seed = opt.seed & 0xFFFFFFFF
         keys = np.ascontiguousarray(mix32(mix32(mix32(np.int64(seed)) ^ step) ^ b.indices).astype(np.uint32))
-    if b.backend == 'foreach': scalars = _run_foreach(b, grads, slots, new, keys)
+    if b.backend == 'foreach': scalars = _run_foreach(b, grads, slots, new, keys, new_scales)
     elif b.backend == 'triton': scalars = run_bucket(b, grads, slots, new, keys)
-    else: scalars = _run_kernel(b, grads, slots, new, keys)
+    else: scalars = _run_kernel(b, grads, slots, new, keys, new_scales)
     for (k,_),v in zip(prog.number_out, numbers):
         for s in states: s[k] = v
     if prog.python_out:
         for s in states: s.update(prog.python_out)
     for k,ts in new.items():
         for s,t in zip(states, ts): s[k] = t
+    for k,ts in new_scales.items():
+        for s,t in zip(states, ts): s.setdefault('int8_scales', {})[k] = t
     if keys is not None:
         changed |= 'rounding_step' not in states[0]
         for s,r in zip(states, step.tolist()): s['rounding_step'] = r
@@ -232,7 +257,7 @@ def _kernel_arrays(b:Bucket) -> dict:
         b._arrays = a
     return a
 
-def _run_kernel(b:Bucket, grads:list, slots:tuple, new:dict, keys) -> Tensor|None:
+def _run_kernel(b:Bucket, grads:list, slots:tuple, new:dict, keys, new_scales:dict) -> Tensor|None:
     "Call the C kernel; returns the per-tensor outputs, one row each"
     prog, states, params = b.prog, b.states, b.params
     n = len(params)
@@ -240,6 +265,8 @@ def _run_kernel(b:Bucket, grads:list, slots:tuple, new:dict, keys) -> Tensor|Non
     bufs = a['bufs']
     bufs[1] = [g.data_ptr() for g in grads]
     for j,k in enumerate(prog.new_keys): bufs[2 + len(b.buffer_keys) + j] = [t.data_ptr() for t in new[k]]
+    for j,k in enumerate(k for k in prog.new_keys if k in new_scales):
+        bufs[b.layout.scale_rows[2 + len(b.buffer_keys) + j]] = [t.data_ptr() for t in new_scales[k]]
     P = a['P']
     if prog.scalar_index: P.fill(0)
     for j,k in enumerate(b.scalar_keys):
@@ -256,13 +283,14 @@ def _run_kernel(b:Bucket, grads:list, slots:tuple, new:dict, keys) -> Tensor|Non
     if not prog.scalar_out: return None
     return torch.from_numpy(P[:, [prog.scalar_index[node] for _,node in prog.scalar_out]].T)
 
-def _run_foreach(b:Bucket, grads:list, slots:tuple, new:dict, keys) -> Tensor|None:
+def _run_foreach(b:Bucket, grads:list, slots:tuple, new:dict, keys, new_scales:dict) -> Tensor|None:
     "Run the foreach interpreter (its torch operations bump the version counters); returns the per-tensor outputs"
     st, T = b.static, b.cdt
     bufs = [st['params'], [real_view(g) for g in grads], *st['state'],
             *([real_view(t) for t in new[k]] for k in b.prog.new_keys)]
     ptin = [torch.stack([s[k].detach().reshape(()) for s in b.states]).to(T) for k in b.scalar_keys]
-    out = b.fn(bufs, slots, ptin, st['numel'], st['comps'], None if keys is None else keys.tolist())
+    scales = st['scales'] | {2 + len(b.buffer_keys) + j: new_scales[k] for j,k in enumerate(b.prog.new_keys) if k in new_scales}
+    out = b.fn(bufs, slots, ptin, st['numel'], st['comps'], None if keys is None else keys.tolist(), scales)
     if not b.prog.scalar_out: return None
     return torch.stack([out[node] for _,node in b.prog.scalar_out])
 
@@ -279,9 +307,12 @@ class GroupPlan:
                 continue
             numbers = tuple(opt.state[p][e[0]] for e in key if e[1] == 'number')   # one bucket shares them
             backend = backend_for(opt.execution, p.device)
-            by_key.setdefault((p.device, backend, p.dtype, p.grad.dtype, key, numbers), []).append(p)
+            if opt._quantised(p) and backend not in INT8_BACKENDS:
+                self.rest.append(p); self.reasons.append(f"8-bit state (state_dtype='int8') has no {backend} kernel")
+                continue
+            by_key.setdefault((p.device, backend, p.dtype, p.grad.dtype, key, numbers, opt._quantised(p)), []).append(p)
         self.buckets = []
-        for (_,backend,_,_,key,_),ps in by_key.items():
+        for (_,backend,_,_,key,_,_),ps in by_key.items():
             try: self.buckets.append(Bucket(opt, ps, key, hyper, [index[id(p)] for p in ps], backend))
             except NotTraceable as e: self.rest += ps; self.reasons.append(str(e))
         self.ids = tuple(map(id, params))
@@ -290,6 +321,8 @@ class GroupPlan:
         self.hyper_others = tuple((k, v) for k,v in hyper.items() if not is_number(v))
         self.settings = _settings_key(opt)
         self.ready = []   # (bucket, gradients, numbers) for this step, filled by `Planner.plan`
+
+INT8_BACKENDS = ('cpu', 'foreach') # the backends that read and write 8-bit state
 
 def _settings_key(opt) -> tuple:
     "The settings a plan was made for"

@@ -8,13 +8,14 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['LOW_PRECISION', 'roundings', 'RESERVED', 'compute_dtype', 'real_view', 'mix32', 'rounding_key', 'uniform',
-           'round_stochastic', 'store_param']
+__all__ = ['LOW_PRECISION', 'roundings', 'RESERVED', 'INT8_MAP', 'INT8_BLOCK', 'INT8_MIN_NUMEL', 'INT8_MIDPOINTS',
+           'compute_dtype', 'real_view', 'mix32', 'rounding_key', 'uniform', 'round_stochastic', 'store_param',
+           'int8_scale_shape', 'quantize_blockwise', 'dequantize_blockwise']
 
 # %% ../../nbs/08_storage.ipynb #a7fc07b0
 LOW_PRECISION = (torch.bfloat16, torch.float16) # parameter dtypes that take `update_rounding`
 roundings = ('kahan', 'stochastic', 'nearest') # the values of `Optimizer.update_rounding`; 'kahan' is the default
-RESERVED = ('kahan_comp', 'rounding_step') # state entries the Optimizer keeps for storage; callbacks never see them
+RESERVED = ('kahan_comp', 'rounding_step', 'int8_scales') # state entries the Optimizer keeps for storage; callbacks never see them
 
 def compute_dtype(dtype:torch.dtype) -> torch.dtype:
     "The dtype callbacks compute in for a parameter of `dtype`"
@@ -38,9 +39,9 @@ def rounding_key(seed:int, step:int, index:int) -> int:
     "The key of parameter `index`'s random numbers at `step`"
     return mix32(mix32(mix32(seed & _M32) ^ (step & _M32)) ^ (index & _M32))
 
-def uniform(key:int, n:int) -> Tensor:
-    "`n` float32 numbers in [0, 1), the `i`-th a function of `key` and `i` alone"
-    i = torch.arange(n, dtype=torch.int64) & _M32
+def uniform(key:int, n:int, device=None) -> Tensor:
+    "`n` float32 numbers in [0, 1) on `device`, the `i`-th a function of `key` and `i` alone"
+    i = torch.arange(n, dtype=torch.int64, device=device) & _M32
     return (mix32((key + mix32(i)) & _M32) >> 8).to(torch.float32) * 2.0**-24
 
 # %% ../../nbs/08_storage.ipynb #a44ac8b8
@@ -55,7 +56,7 @@ def _next16(b:Tensor, up:Tensor) -> Tensor:
 
 def _round_stochastic_bf16(w:Tensor, key:int) -> Tensor:
     "bfloat16: add 16 random bits below the kept ones and truncate (branch-free, as the kernel does it)"
-    i = torch.arange(w.numel(), dtype=torch.int64).view(w.shape) & _M32
+    i = torch.arange(w.numel(), dtype=torch.int64, device=w.device).view(w.shape) & _M32
     r = mix32((key + mix32(i)) & _M32) >> 16
     u = w.contiguous().view(torch.int32).to(torch.int64) & _M32
     up = ((u + r) >> 16) & 0xFFFF
@@ -68,7 +69,7 @@ def round_stochastic(w:Tensor, dtype:torch.dtype, key:int) -> Tensor:
     n = w.to(dtype); nf = n.float()
     keep = ~(nf != w) | ~(nf.abs() <= torch.finfo(torch.float32).max)
     o = _from_bits(_next16(_bits(n), w > nf), dtype); of = o.float()
-    u = uniform(key, w.numel()).view(w.shape)
+    u = uniform(key, w.numel(), w.device).view(w.shape)
     return torch.where(keep | ~(u < (w - nf) / (of - nf)), n, o)
 
 # %% ../../nbs/08_storage.ipynb #8e7926fa
@@ -87,3 +88,46 @@ def store_param(
     new = (old + c).to(p.dtype)
     c = c - (new.float() - old)
     p.copy_(new); comp.copy_(c)
+
+# %% ../../nbs/08_storage.ipynb #5cf7db3e
+def _dynamic_map() -> Tensor:
+    "The 255 values of the signed dynamic map, ascending: code `c` (-127..127) is entry `c + 127`"
+    mags = []
+    for m in range(128):
+        e, f = m >> 3, m & 7   # 4 exponent bits, 3 fraction bits
+        mags.append(f * 2.0**-17 if e == 0 else 2.0**(e - 15) * (1 + f / 8))
+    mags = torch.tensor(mags, dtype=torch.float64)
+    return torch.cat([-mags.flip(0)[:-1], mags]).to(torch.float32)
+
+INT8_MAP = _dynamic_map() # code c (-127..127) stands for `INT8_MAP[c + 127]` times its block's scale
+INT8_BLOCK = 256 # values per scale
+INT8_MIN_NUMEL = 4096 # tensors smaller than this keep float32 state
+def _midpoints(qmap:Tensor) -> Tensor:
+    "The midpoints between consecutive magnitudes of symmetric map `qmap` (float32)"
+    mags = qmap[len(qmap) // 2:].double()
+    return ((mags[1:] + mags[:-1]) / 2).float()
+
+# nearest code, sign and magnitude apart: |x| gets the magnitude of the number of midpoints below it (ties to zero)
+INT8_MIDPOINTS = torch.cat([_midpoints(INT8_MAP), torch.tensor([float('inf')])]) # 127 midpoints, then infinity
+
+def int8_scale_shape(numel:int) -> tuple: return (-(-numel // INT8_BLOCK),)
+
+def quantize_blockwise(x:Tensor, qmap:Tensor|None=None) -> tuple[Tensor, Tensor]:
+    "`x` (float) as int8 codes of its shape and one float32 scale (absolute maximum) per block of 256 values"
+    qmap = INT8_MAP if qmap is None else qmap
+    mids = _midpoints(qmap).to(x.device)
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel(); pad = (-n) % INT8_BLOCK
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, INT8_BLOCK)
+    scales = blocks.abs().amax(1)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    y = blocks / safe[:, None]
+    mag = torch.bucketize(y.abs(), mids)   # the number of midpoints below each magnitude: the nearest one's code
+    codes = torch.where(y < 0, -mag, mag).to(torch.int8).view(-1)[:n].view(x.shape)
+    return codes, scales
+
+def dequantize_blockwise(codes:Tensor, scales:Tensor, qmap:Tensor|None=None) -> Tensor:
+    "The float32 values that int8 `codes` and their blocks' `scales` stand for"
+    qmap = (INT8_MAP if qmap is None else qmap).to(codes.device)
+    flat = qmap[codes.reshape(-1).long() + len(qmap) // 2]
+    return (flat * scales.repeat_interleave(INT8_BLOCK)[:flat.numel()]).view(codes.shape)
