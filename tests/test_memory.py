@@ -333,3 +333,20 @@ def test_a_parameter_without_gradient_in_the_last_micro_batch_is_still_stepped()
         assert all(p.grad is None for p in model.parameters()) and opt.state[model[0].weight]['step'] == 2
         return model
     assert same_weights(run(False), run(True))
+
+def test_the_loop_keeps_calling_step_so_hooks_run_and_schedulers_see_a_step():
+    # while gradients are released, `opt.step()` is a no-op that still runs the step hooks once per step and marks
+    # the step for a torch LR scheduler: no "scheduler before optimizer" warning, one hook call per step
+    import warnings
+    model = torch.nn.Linear(4, 2)
+    opt = fastopt.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append('pre'))
+    opt.register_step_post_hook(lambda o, a, k: calls.append('post'))
+    with fastopt.release_gradients(model, opt), warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for _ in range(3):
+            model(torch.randn(3, 4)).sum().backward(); opt.step(); opt.zero_grad(); sched.step()
+    assert calls == ['pre', 'post'] * 3
+    assert opt.param_groups[0]['lr'] == pytest.approx(1e-2 / 8)
