@@ -52,8 +52,9 @@ static inline uint16_t fo_bf16_rne(float f) {{
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16); }}
 static inline uint32_t fo_mix32(uint32_t x) {{
     x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x2c1b3c6du; x ^= x >> 16; return x; }}
+static inline uint32_t fo_bits(uint32_t key, int64_t i) {{ return fo_mix32(key ^ ((uint32_t)i * 0x9E3779B9u)); }}
 static inline float fo_uniform(uint32_t key, int64_t i) {{
-    return (float)(fo_mix32(key + fo_mix32((uint32_t)i)) >> 8) * 0x1p-24f; }}
+    return (float)(fo_bits(key, i) >> 8) * 0x1p-24f; }}
 static inline uint16_t fo_sr_bf16_bits(float w, uint32_t r) {{
     uint32_t u; memcpy(&u, &w, 4);
     const uint32_t up = (u + r) >> 16;   /* r in [0, 2^16): rounds up with probability (low 16 bits) / 2^16 */
@@ -172,7 +173,7 @@ def _param_store(layout:Layout, value:str) -> list[str]:
     if layout.rounding == 'nearest' or d not in _FMT: return [_store(d, 'b0[i]', value)]
     f, old = _FMT[d], f'fo_ld_{_FMT[d]}(b0[i])'
     if layout.rounding == 'stochastic' and f == 'bf16':   # integer form: branch-free, so it vectorizes
-        return [f'b0[i] = fo_sr_bf16_bits((float){value}, fo_mix32(keys[t] + fo_mix32((uint32_t)i)) >> 16);']
+        return [f'b0[i] = fo_sr_bf16_bits((float){value}, fo_bits(keys[t], i) >> 16);']
     if layout.rounding == 'stochastic':
         return [f'b0[i] = fo_sr_{f}((float){value}, fo_uniform(keys[t], i));']
     k = len(layout.dtypes)   # the compensation buffer

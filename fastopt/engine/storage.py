@@ -9,8 +9,8 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['LOW_PRECISION', 'roundings', 'RESERVED', 'INT8_MAP', 'INT8_BLOCK', 'INT8_MIN_NUMEL', 'INT8_MIDPOINTS',
-           'compute_dtype', 'real_view', 'mix32', 'rounding_key', 'uniform', 'round_stochastic', 'store_param',
-           'int8_scale_shape', 'quantize_blockwise', 'dequantize_blockwise']
+           'compute_dtype', 'real_view', 'mix32', 'element_bits', 'rounding_key', 'uniform', 'round_stochastic',
+           'store_param', 'int8_scale_shape', 'quantize_blockwise', 'dequantize_blockwise']
 
 # %% ../../nbs/08_storage.ipynb #a7fc07b0
 LOW_PRECISION = (torch.bfloat16, torch.float16) # parameter dtypes that take `update_rounding`
@@ -35,6 +35,13 @@ def mix32(x):
     x = x ^ (x >> 15); x = (x * _MIX[1]) & _M32
     return x ^ (x >> 16)
 
+_GOLDEN = 0x9E3779B9   # 2**32 / golden ratio, odd: i -> i * _GOLDEN is a bijection of 32-bit integers
+
+def element_bits(key:int, i):
+    "The 32 random bits of element `i` (an int, or an int64 tensor of values below 2**32) under `key`"
+    weyl = (i * (_GOLDEN & 0xFFFF) + (((i * (_GOLDEN >> 16)) & 0xFFFF) << 16)) & _M32   # i * _GOLDEN mod 2**32
+    return mix32(key ^ weyl)
+
 def rounding_key(seed:int, step:int, index:int) -> int:
     "The key of parameter `index`'s random numbers at `step`"
     return mix32(mix32(mix32(seed & _M32) ^ (step & _M32)) ^ (index & _M32))
@@ -42,7 +49,7 @@ def rounding_key(seed:int, step:int, index:int) -> int:
 def uniform(key:int, n:int, device=None) -> Tensor:
     "`n` float32 numbers in [0, 1) on `device`, the `i`-th a function of `key` and `i` alone"
     i = torch.arange(n, dtype=torch.int64, device=device) & _M32
-    return (mix32((key + mix32(i)) & _M32) >> 8).to(torch.float32) * 2.0**-24
+    return (element_bits(key, i) >> 8).to(torch.float32) * 2.0**-24
 
 # %% ../../nbs/08_storage.ipynb #a44ac8b8
 def _bits(t:Tensor) -> Tensor: return t.view(torch.int16).to(torch.int32) & 0xFFFF
@@ -57,7 +64,7 @@ def _next16(b:Tensor, up:Tensor) -> Tensor:
 def _round_stochastic_bf16(w:Tensor, key:int) -> Tensor:
     "bfloat16: add 16 random bits below the kept ones and truncate (branch-free, as the kernel does it)"
     i = torch.arange(w.numel(), dtype=torch.int64, device=w.device).view(w.shape) & _M32
-    r = mix32((key + mix32(i)) & _M32) >> 16
+    r = element_bits(key, i) >> 16
     u = w.contiguous().view(torch.int32).to(torch.int64) & _M32
     up = ((u + r) >> 16) & 0xFFFF
     special = (u & 0x7f800000) == 0x7f800000   # inf and NaN round to nearest

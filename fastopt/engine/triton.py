@@ -104,9 +104,9 @@ def _mix32(c:_Code, x:str) -> str:
     return v
 
 def _random_bits(c:_Code) -> str:
-    "The element's 32 random bits: mix32(key + mix32(i)), a function of the tensor's key and the element's index"
-    i = _mix32(c, c.tmp('offs.to(tl.uint32)'))
-    return _mix32(c, c.tmp(f'key + {i}'))
+    "The element's 32 random bits, storage.element_bits: mix32 of the tensor's key xor the element's index times 0x9E3779B9"
+    i = c.tmp('offs.to(tl.uint32) * 0x9E3779B9')   # a uint32 literal: the product wraps modulo 2**32
+    return _mix32(c, c.tmp(f'key ^ {i}'))
 
 def _param_store(c:_Code, layout:Layout, value:str, kahan_buf:str) -> str:
     "The raw value storing the new parameter `value` with the layout's rounding (Kahan's buffer stored here)"
