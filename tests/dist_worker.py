@@ -84,17 +84,33 @@ def sharded_model():
 
 def full_weights(m): return {k: v.full_tensor() for k, v in m.state_dict().items()}
 
-def fsdp(rank, world, name):
+class CountAllReduce:
+    "Counts torch.distributed.all_reduce calls (the fused engine's collectives on shards) while active"
+    def __enter__(self):
+        import torch.distributed as dist
+        self.dist, self.orig, self.count = dist, dist.all_reduce, 0
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self.orig(*args, **kwargs)
+        dist.all_reduce = counted
+        return self
+    def __exit__(self, *exc): self.dist.all_reduce = self.orig
+
+def fsdp(rank, world, name, execution='auto'):
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.debug import CommDebugMode
-    m = sharded_model(); opt = OPTIMIZERS[name](m.parameters())
+    m = sharded_model(); opt = OPTIMIZERS[name](m.parameters()); inner(opt).execution = execution
     train(m, opt, range(STEPS - 1), rank, world)
     opt.zero_grad()
     x, y = batch(STEPS - 1); n = BATCH // world
     nn.functional.mse_loss(m(x[rank*n:(rank+1)*n]), y[rank*n:(rank+1)*n]).backward()
-    with CommDebugMode() as comm: opt.step()                # the last step (a Lookahead synchronisation: 12 % 3 == 0)
+    with CommDebugMode() as comm, CountAllReduce() as engine: opt.step()   # the last step (a Lookahead sync: 12 % 3 == 0)
+    planner = inner(opt).__dict__.get('_planner')
+    buckets = [b for gp in planner.plans.values() for b in gp.buckets] if planner else []
     res = dict(weights=full_weights(m), counts=dict(inner(opt).execution_counts), reasons=inner(opt).fallback_reasons,
-               step_collectives=comm.get_total_counts(), local_shapes=[tuple(p.to_local().shape) for p in m.parameters()])
+               step_collectives=comm.get_total_counts(), engine_all_reduces=engine.count,
+               buckets=len(buckets), backends=sorted({b.backend for b in buckets}),
+               local_shapes=[tuple(p.to_local().shape) for p in m.parameters()])
     if isinstance(opt, fastopt.Lookahead):
         slow = [s for g in opt.slow_weights for s in g]
         res['slow_sharded_like_params'] = all(isinstance(s, DTensor) and s.placements == p.placements and
@@ -103,11 +119,12 @@ def fsdp(rank, world, name):
     return res
 
 def fsdp_strict(rank, world):
-    m = sharded_model(); opt = fastopt.Adam(m.parameters(), lr=1e-2); opt.execution = 'fused'
-    train_error = None
-    try: train(m, opt, range(1), rank, world)
-    except RuntimeError as e: train_error = str(e)
-    return dict(step_error=train_error, untouched=all(not s for s in opt.state.values()))
+    "execution='fused' (strict): every shard runs fused, or the step raises"
+    m = sharded_model(); opt = fastopt.Lamb(m.parameters(), lr=1e-2); opt.execution = 'fused'
+    train(m, opt, range(STEPS), rank, world)
+    return dict(weights=full_weights(m), counts=dict(opt.execution_counts),
+                state_is_sharded=all(isinstance(v, type(p)) for p in m.parameters() for k, v in opt.state[p].items()
+                                     if torch.is_tensor(v) and v.dim() > 0))
 
 def fsdp_checkpoint(rank, world, out):
     "A sharded ranger run checkpointed with torch.distributed.checkpoint, resumed into fresh objects"

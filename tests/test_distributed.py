@@ -9,7 +9,8 @@ import dist_worker as W
 WORLD = 2
 DDP = [f'ddp:{name}:{execution}' for name in ('ranger', 'Adam', 'Lamb', 'SGD') for execution in ('auto', 'per_param')]
 ZERO = ['zero:Adam', 'zero:RAdam']
-FSDP = [f'fsdp:{name}' for name in ('Adam', 'RAdam', 'SGD', 'Lamb', 'Larc', 'ranger')]
+FSDP = [f'fsdp:{name}' for name in ('Adam', 'RAdam', 'SGD', 'Lamb', 'Larc', 'ranger')] + \
+       [f'fsdp:{name}:{ex}' for name in ('Adam', 'Lamb') for ex in ('foreach', 'per_param')]
 SCENARIOS = DDP + ZERO + FSDP + ['fsdp_strict', 'fsdp_checkpoint']
 
 @pytest.fixture(scope='module')
@@ -64,26 +65,43 @@ def test_zero_shards_state_and_matches_unsharded_run(results, scenario):
 
 @pytest.mark.parametrize('scenario', FSDP)
 def test_fsdp2_matches_unsharded_run(results, scenario):
-    name = scenario.split(':')[1]
+    _, name, *ex = scenario.split(':')
+    execution = ex[0] if ex else 'auto'
     r0, r1 = results[scenario]
     assert_ranks_agree_with_one_process((r0, r1), scenario, name)
     assert r0['local_shapes'] != [tuple(v.shape) for v in r0['weights'].values()], 'parameters must be sharded'
-    assert r0['counts']['fused'] == 0 and r0['counts']['per_param'] == 4 * W.STEPS
-    assert r0['reasons'] == ['a tensor subclass']
+    for r in (r0, r1):
+        if execution == 'per_param': assert r['counts'] == {'fused': 0, 'per_param': 4 * W.STEPS}
+        else:   # the shards were fused: no fallback, on the backend asked for
+            assert r['counts'] == {'fused': 4 * W.STEPS, 'per_param': 0} and r['reasons'] == [], r['reasons']
+            assert r['backends'] == (['foreach'] if execution == 'foreach' else ['cpu'])
+
+@pytest.mark.parametrize('scenario', [s for s in FSDP if not s.endswith('per_param')])
+def test_fused_shards_communicate_only_for_per_tensor_sums(results, scenario):
+    "Element-wise programs: no collective; LAMB and LARC: their norms' sums are added over the shards"
+    name, foreach = scenario.split(':')[1], scenario.endswith('foreach')
+    for r in results[scenario]:
+        # every collective of the step is one of the engine's own (no DTensor operation ran on a whole tensor)
+        assert r['step_collectives'] == r['engine_all_reduces']
+        if name not in ('Lamb', 'Larc'): assert r['engine_all_reduces'] == 0
+        # the C kernel: one all-reduce per bucket at its one phase boundary (both norms at once); the
+        # interpreter: one per norm (LAMB has two)
+        else: assert r['engine_all_reduces'] == r['buckets'] * (2 if foreach and name == 'Lamb' else 1), r
 
 def test_lamb_and_larc_norms_are_of_the_whole_parameter(results):
     "Norms of the local shards would give other trust ratios, and other weights (checked above); here: they communicate"
-    for name in ('Lamb', 'Larc'): assert results[f'fsdp:{name}'][0]['step_collectives'] > 0
+    for name in ('Lamb', 'Larc'): assert results[f'fsdp:{name}'][0]['engine_all_reduces'] > 0
+    assert results['fsdp:Lamb:per_param'][0]['step_collectives'] > 0   # the per-parameter path: DTensor's own
 
 def test_lookahead_under_fsdp2_is_sharded_and_syncs_without_communication(results):
     r0, r1 = results['fsdp:ranger']
     assert r0['slow_sharded_like_params'] and r1['slow_sharded_like_params']
     assert r0['step_collectives'] == 0   # RAdam's step and the synchronisation: element-wise on the shards
 
-def test_fsdp2_strict_fused_execution_refuses_dtensors(results):
-    for r in results['fsdp_strict']:
-        assert "execution='fused'" in r['step_error'] and 'tensor subclass' in r['step_error']
-        assert r['untouched']
+def test_fsdp2_strict_fused_execution_runs_every_shard_fused(results):
+    r0, r1 = results['fsdp_strict']
+    for r in (r0, r1): assert r['counts'] == {'fused': 4 * W.STEPS, 'per_param': 0} and r['state_is_sharded']
+    assert_ranks_agree_with_one_process((r0, r1), 'fsdp_strict', 'Lamb')
 
 def test_sharded_lookahead_checkpoint_resumes_exactly(results):
     for r in results['fsdp_checkpoint']:

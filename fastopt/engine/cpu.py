@@ -82,7 +82,7 @@ _C_ROUNDING = r'''static inline uint16_t fo_sr_{f}(float w, float u) {{
 
 _C_SIGNATURE = ('void fastopt_kernel(const int64_t n_items, const int64_t* items, const int64_t n_tensors, '
                 'const int64_t* item_start, void* const* bufs, const int64_t* numel, const double* S, double* P, '
-                'double* partial, const uint32_t* keys, const int nthreads)')
+                'double* partial, const uint32_t* keys, const int nthreads, const int first_phase, const int last_phase)')
 
 _FMT = {torch.bfloat16: 'bf16', torch.float16: 'f16'}
 
@@ -245,6 +245,10 @@ def _loop_code(prog:Program, layout:Layout, k:int, store_phase:dict) -> list[str
             f'        #pragma omp simd{reduction}', '        for (int64_t i = lo; i < hi; i++) {', *body, '        }',
             *[f'        partial[it*NRED + {a[3:]}] = {a};' for a in accs], '    }']
 
+def _in_range(k:int, lines:list[str]) -> list[str]:
+    "`lines` (phase `k`'s code) run only when the call asks for phase `k`"
+    return [f'    if (first_phase <= {k} && {k} <= last_phase) {{', *lines, '    }'] if lines else []
+
 def kernel_source(prog:Program, layout:Layout) -> str:
     "The C source of the kernel that runs `prog` with `layout`"
     nodes = prog.tr.nodes
@@ -256,7 +260,8 @@ def kernel_source(prog:Program, layout:Layout) -> str:
     defer = any(layout.dtypes[b] != layout.compute for b,n in prog.stores if prog.phases[n] < last)
     def phases(defer:bool) -> list[str]:
         store_phase = {n: last if defer else prog.phases[n] for _,n in prog.stores}
-        return [l for k in range(last + 1) for l in _scalar_code(prog, k) + _loop_code(prog, layout, k, store_phase)]
+        # each phase runs when it is in [first_phase, last_phase]: a sharded tensor's sums are added between calls
+        return [l for k in range(last + 1) for l in _in_range(k, _scalar_code(prog, k) + _loop_code(prog, layout, k, store_phase))]
     try: lines += phases(defer)
     except NotTraceable: lines += phases(True)   # a later phase reads what an earlier one would overwrite: store last
     head = _C_HEAD.format(T=T, s=s, npt=max(len(prog.scalar_index), 1), nred=max(len(prog.sums), 1),
@@ -270,7 +275,7 @@ def kernel_source(prog:Program, layout:Layout) -> str:
 # %% ../../nbs/08_cpu.ipynb #f9757678
 _CFLAGS = ['-O3', '-march=native', '-fno-math-errno', '-fopenmp', '-shared', '-fPIC', '-std=c11']
 _ARGTYPES = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
 _loaded, _failed, _lock = {}, {}, threading.Lock()
 compile_count = 0   # builds by this process (a test checks that scheduling never adds any)
 

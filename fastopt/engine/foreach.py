@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 import torch.nn.functional as F
+from collections.abc import Callable
 from torch import Tensor
 from .trace import Program, _LEAVES
 from .cpu import Layout
@@ -122,7 +123,8 @@ def _call(self:Interpreter,
     numel:Tensor, # The tensors' element counts, a 1-D tensor (compute dtype)
     comps:list|None=None, # The parameters' Kahan buffers (real views), for 'kahan'
     keys:list|None=None, # The parameters' random keys at this step, for 'stochastic'
-    scales:dict|None=None # Per 8-bit (int8) buffer, the tensors' block scales
+    scales:dict|None=None, # Per 8-bit (int8) buffer, the tensors' block scales
+    reduce_sums:Callable|None=None # Applied to each per-tensor sum (FSDP2 shards: adds the other shards' sums)
 ) -> dict:
     "Run the program on the bucket's tensors: write its stores, return its per-tensor outputs (node -> 1-D tensor)"
     prog, T, rounding = self.prog, self.layout.compute, self.layout.rounding
@@ -144,9 +146,12 @@ def _call(self:Interpreter,
             x = val(args[0])
             if kind == 't': v = torch.full((n_t,), float(x), dtype=T, device=dev) if not isinstance(x, Tensor) else _as(x, T).clone()
             else: v = [torch.full(s, float(x), dtype=T, device=dev) for s in shapes]
-        elif op == 'sum': v = torch.stack([_as(t.sum(), T) for t in env[args[0]]]); owned.add(n)
+        elif op == 'sum':
+            v = torch.stack([_as(t.sum(), T) for t in env[args[0]]]); owned.add(n)
+            if reduce_sums is not None: v = reduce_sums(v)
         elif op == 'sumsq':
             v = torch.stack(torch._foreach_norm(env[args[0]])).to(T); v = v * v
+            if reduce_sums is not None: v = reduce_sums(v)
         elif kind == 't':   # per-tensor numbers: one torch operation for the whole bucket
             kinds = [kind_of(a) for a in args]
             v = _as(ELEMENT_OPS[op](*_args_of(op, args, kinds, [val(a) for a in args], T, dev)), T)

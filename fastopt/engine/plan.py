@@ -17,15 +17,43 @@ from .foreach import Interpreter
 from .triton import TritonRunner, run_bucket, triton_device
 
 # %% auto #0
-__all__ = ['INT8_BACKENDS', 'why_not_fusable', 'has_emitter', 'backend_for', 'Bucket', 'GroupPlan', 'Planner']
+__all__ = ['INT8_BACKENDS', 'is_sharded', 'why_not_fusable', 'has_emitter', 'backend_for', 'Bucket', 'GroupPlan', 'Planner']
 
 # %% ../../nbs/08_fusion.ipynb #768d0f18
 _PLAIN = (Tensor, torch.nn.Parameter)
 _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 
+def _dtensor_type():
+    "torch's DTensor class, or `None` where torch.distributed is not built"
+    try:
+        from torch.distributed.tensor import DTensor
+        return DTensor
+    except Exception: return None
+_DTensor = _dtensor_type()
+
+def is_sharded(t) -> bool:
+    "Whether `t` is a DTensor (an FSDP2 parameter, its gradient or its state): the engine runs on its local shard"
+    return _DTensor is not None and type(t) is _DTensor
+
+def _local(t): return t._local_tensor if is_sharded(t) else t
+
+def _why_not_sharded(p, g) -> str|None:
+    "Why DTensor parameter `p` with gradient `g` cannot run on its local shard, or `None`"
+    from torch.distributed.tensor import Shard, Replicate
+    if not is_sharded(g) or g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
+        return "a DTensor whose gradient is not laid out like it"
+    if p.device_mesh.ndim != 1: return "a DTensor on a device mesh of more than one dimension"
+    if not all(isinstance(x, (Shard, Replicate)) for x in p.placements): return "a DTensor with partial values"
+    if p.is_complex(): return "a complex DTensor"
+    return None
+
 def why_not_fusable(p:Tensor) -> str|None:
     "Why parameter `p` (which has a gradient) cannot be fused, or `None` if it can"
     g = p.grad
+    if is_sharded(p):   # FSDP2: the program runs on the local shards
+        why = _why_not_sharded(p, g)
+        if why: return why
+        p, g = p._local_tensor, g._local_tensor
     if type(p) not in _PLAIN or type(g) is not Tensor: return "a tensor subclass"
     if g.device != p.device: return "a gradient on another device"
     if p.device.type == 'meta': return "a tensor on the meta device (no data)"
@@ -63,6 +91,12 @@ _kernels = {}   # (program source) -> kernel, shared by every optimizer of the p
 def _classify(p:Tensor, st:dict, storage) -> tuple|None:
     "The structure of `p`'s state: `(name, kind, ...)` per entry; `None` if it cannot be fused"
     key, int8 = [], st.get('int8_scales', {})
+    if is_sharded(p):
+        if int8: return None   # 8-bit state of shards: not fused yet
+        layout = (p.device_mesh, tuple(p.placements))
+        if any(is_sharded(v) and (v.device_mesh, tuple(v.placements)) != layout and v.numel() != 1
+               for v in st.values()): return None
+        p, st = p._local_tensor, {k: _local(v) for k,v in st.items()}
     for k,v in st.items():
         if k in RESERVED: continue
         if k in int8:   # 8-bit codes of the parameter's shape, and their block scales (float32)
@@ -120,17 +154,28 @@ class Bucket:
             src = kernel_source(prog, self.layout)
             self.fn = _kernels.get(src) or _kernels.setdefault(src, compile_kernel(src))
         self.inputs = [(src_, k) for src_,k in tr.inputs]
-        self.gdt, self.shapes, self.device = p0.grad.dtype, [p.shape for p in params], p0.device
-        numel = np.fromiter((real_view(p).numel() for p in params), np.int64, len(params))
+        self.sharded = is_sharded(p0)   # FSDP2: every tensor is used through its local shard
+        local = [_local(p) for p in params]
+        self.gdt, self.shapes, self.device = p0.grad.dtype, [p.shape for p in local], p0.device
+        numel = np.fromiter((real_view(p).numel() for p in local), np.int64, len(params))
         self.numel, (self.items, self.first) = numel, _chunk(numel)
+        # what the program's `numel` means: the whole tensor's count, also for a shard (a mean over the parameter)
+        self.numel_node = np.fromiter((p.numel() for p in params), np.int64, len(params)) if self.sharded else numel
+        self.group = _shard_group(p0) if self.sharded else None   # per-tensor sums are all-reduced over it
+        self.collectives = 0   # all-reduces this bucket made (sharded programs with per-tensor sums)
         self.nthreads = torch.get_num_threads() if numel.sum() >= 4*_CHUNK else 1
-        self.pptrs = [p.data_ptr() for p in params]
+        self.pptrs = [p.data_ptr() for p in local]
         self.scalar_store = None   # per-tensor outputs, as 0-d views of one tensor kept across steps
         self.written = None   # the tensors a step writes (their version counters are bumped)
         self.stale = False   # set when a step created state: the program traced before it no longer applies
         _refresh(self)
 
 # %% ../../nbs/08_fusion.ipynb #9966f74e
+def _shard_group(p):
+    "The process group whose ranks hold the other shards of DTensor `p`, or `None` if its tensors are whole"
+    from torch.distributed.tensor import Shard
+    return p.device_mesh.get_group() if any(isinstance(x, Shard) for x in p.placements) else None
+
 def _check(b:Bucket, state:dict) -> list|None:
     "This step's gradients for `b`, ready for the kernel, or `None` if the bucket no longer fits the optimizer's `state`"
     # Each test runs over the whole bucket in C (`map`), not a Python loop per tensor: this runs every step.
@@ -144,13 +189,18 @@ def _check(b:Bucket, state:dict) -> list|None:
     for k, ids in zip(b.scale_keys, b.scale_ids):   # 8-bit state: its scales too
         if [id(st.get('int8_scales', {}).get(k)) for st in states] != ids: return None
     grads = list(map(_grad_of, params))
+    if b.sharded:
+        if set(map(type, grads)) != {_DTensor} or any(tuple(g.placements) != tuple(p.placements) for g,p in zip(grads, params)):
+            return None
+        grads = [g._local_tensor for g in grads]
     # (the step checked that every gradient is dense and shaped like its parameter before planning)
     if set(map(type, grads)) != _JUST_TENSOR or set(map(_dtype_of, grads)) != {b.gdt} \
        or list(map(_shape_of, grads)) != b.shapes: return None
     if not (all(map(_is_cpu, grads)) if b.device.type == 'cpu' else set(map(_device_of, grads)) == {b.device}):
         return None
     if not all(map(Tensor.is_contiguous, grads)): grads = [g.contiguous() for g in grads]
-    if list(map(Tensor.data_ptr, params)) != b.pptrs: return None   # a replaced `.data`
+    if (list(map(Tensor.data_ptr, params)) if not b.sharded else [p._local_tensor.data_ptr() for p in params]) != b.pptrs:
+        return None   # a replaced `.data`
     if b.number_keys:
         for k in b.number_keys:   # one bucket shares its numbers (a step count)
             if set(map(dict.get, states, repeat(k))) != {states[0][k]}: return None
@@ -169,8 +219,8 @@ def _static_table(b:Bucket) -> np.ndarray:
     states, prog = b.states, b.prog
     bufs = np.zeros((prog.n_bufs + (b.rounding == 'kahan'), len(b.params)), np.int64)
     bufs[0] = b.pptrs
-    for j,k in enumerate(b.buffer_keys): bufs[2+j] = [s[k].data_ptr() for s in states]
-    if b.rounding == 'kahan': bufs[prog.n_bufs] = [st['kahan_comp'].data_ptr() for st in states]
+    for j,k in enumerate(b.buffer_keys): bufs[2+j] = [_local(s[k]).data_ptr() for s in states]
+    if b.rounding == 'kahan': bufs[prog.n_bufs] = [_local(st['kahan_comp']).data_ptr() for st in states]
     rows = b.layout.scale_rows
     if rows:
         bufs = np.concatenate([bufs, np.zeros((len(rows), len(b.params)), np.int64)])
@@ -198,12 +248,12 @@ def _prepare(b:Bucket) -> bool:
     if b.backend in ('cpu', 'triton'): b.static = _static_table(b)
     else:
         T = b.cdt
-        b.static = dict(params=[real_view(p.detach()) for p in b.params],
-                        state=[[real_view(s[k]) for s in b.states] for k in b.buffer_keys],
-                        comps=[real_view(s['kahan_comp']) for s in b.states] if b.rounding == 'kahan' else None,
+        b.static = dict(params=[real_view(_local(p).detach()) for p in b.params],
+                        state=[[real_view(_local(s[k])) for s in b.states] for k in b.buffer_keys],
+                        comps=[real_view(_local(s['kahan_comp'])) for s in b.states] if b.rounding == 'kahan' else None,
                         scales={2+j: [s['int8_scales'][k] for s in b.states] for j,k in enumerate(b.buffer_keys)
                                 if b.layout.dtypes[2+j] == torch.int8},
-                        numel=torch.tensor(b.numel.tolist(), dtype=T, device=b.device))
+                        numel=torch.tensor(b.numel_node.tolist(), dtype=T, device=b.device))
     return changed
 
 def _run(b:Bucket, opt, grads:list, numbers:tuple):
@@ -252,7 +302,7 @@ def _kernel_arrays(b:Bucket) -> dict:
         prog = b.prog
         a = dict(static=b.static, bufs=b.static.copy(), P=np.zeros((len(b.params), max(len(prog.scalar_index), 1))),
                  partial=np.empty((len(b.items), max(len(prog.sums), 1))), S=np.zeros(max(len(prog.slots), 1)),
-                 items=b.items, first=b.first, numel=b.numel)
+                 items=b.items, first=b.first, numel=b.numel_node)
         a['addr'] = {k: v.ctypes.data for k,v in a.items() if isinstance(v, np.ndarray) and k != 'static'}
         b._arrays = a
     return a
@@ -264,7 +314,7 @@ def _run_kernel(b:Bucket, grads:list, slots:tuple, new:dict, keys, new_scales:di
     a = _kernel_arrays(b)
     bufs = a['bufs']
     bufs[1] = [g.data_ptr() for g in grads]
-    for j,k in enumerate(prog.new_keys): bufs[2 + len(b.buffer_keys) + j] = [t.data_ptr() for t in new[k]]
+    for j,k in enumerate(prog.new_keys): bufs[2 + len(b.buffer_keys) + j] = [_local(t).data_ptr() for t in new[k]]
     for j,k in enumerate(k for k in prog.new_keys if k in new_scales):
         bufs[b.layout.scale_rows[2 + len(b.buffer_keys) + j]] = [t.data_ptr() for t in new_scales[k]]
     P = a['P']
@@ -274,23 +324,57 @@ def _run_kernel(b:Bucket, grads:list, slots:tuple, new:dict, keys, new_scales:di
         if node is not None: P[:, prog.scalar_index[node]] = [float(s[k]) for s in states]
     a['S'][:len(slots)] = slots
     ad = a['addr']
-    b.fn(len(b.items), ad['items'], n, ad['first'], ad['bufs'], ad['numel'], ad['S'], ad['P'], ad['partial'],
-         keys.ctypes.data if keys is not None else None, b.nthreads)
+    call = lambda first, last: b.fn(len(b.items), ad['items'], n, ad['first'], ad['bufs'], ad['numel'], ad['S'], ad['P'],
+                                    ad['partial'], keys.ctypes.data if keys is not None else None, b.nthreads, first, last)
+    if b.group is None or not prog.sums: call(0, _ALL_PHASES)
+    else:   # a shard: stop after each phase that sums, add the shards' sums (one all-reduce), go on
+        start = 0
+        for k, rs in _sums_by_phase(prog):
+            call(start, k); _all_reduce_partials(b, a['partial'], rs); start = k + 1
+        call(start, _ALL_PHASES)
     if b.written is None:
-        b.written = [t for w in prog.writes for t in (params if w == 0 else [s[b.buffer_keys[w-2]] for s in states]
-                                                      if w < 2 + len(b.buffer_keys) else [])]
+        b.written = [_local(t) for w in prog.writes for t in (params if w == 0 else [s[b.buffer_keys[w-2]] for s in states]
+                                                              if w < 2 + len(b.buffer_keys) else [])]
     if b.written: torch.autograd.graph.increment_version(b.written)   # torch cannot see what C wrote
     if not prog.scalar_out: return None
     return torch.from_numpy(P[:, [prog.scalar_index[node] for _,node in prog.scalar_out]].T)
+
+def _foreach_all_reduce(b:Bucket):
+    "For the interpreter: add the shards' per-tensor sums (one all-reduce per sum)"
+    import torch.distributed as dist
+    def reduce(sums:Tensor) -> Tensor:
+        total = sums.to(torch.float64)
+        dist.all_reduce(total, group=b.group); b.collectives += 1
+        return total.to(sums.dtype)
+    return reduce
+
+_ALL_PHASES = 1 << 30   # a kernel's last phase: run to the end
+
+def _sums_by_phase(prog:Program) -> list:
+    "`(phase, sum indices)`: the per-tensor sums whose terms each phase's loop accumulates, in order"
+    by = {}
+    for r,n in enumerate(prog.sums): by.setdefault(prog.phases[prog.tr.nodes[n][1][0]], []).append(r)
+    return sorted(by.items())
+
+def _all_reduce_partials(b:Bucket, partial:np.ndarray, rs:list):
+    "Replace the shard's partial sums `rs` of each tensor by the whole tensor's: one all-reduce over the shards"
+    import torch.distributed as dist
+    starts = b.first[:-1]
+    totals = torch.from_numpy(np.add.reduceat(partial[:, rs], starts, axis=0))   # (tensors, sums), float64
+    dist.all_reduce(totals, group=b.group)
+    b.collectives += 1
+    partial[:, rs] = 0
+    partial[starts[:, None], np.asarray(rs)[None, :]] = totals.numpy()
 
 def _run_foreach(b:Bucket, grads:list, slots:tuple, new:dict, keys, new_scales:dict) -> Tensor|None:
     "Run the foreach interpreter (its torch operations bump the version counters); returns the per-tensor outputs"
     st, T = b.static, b.cdt
     bufs = [st['params'], [real_view(g) for g in grads], *st['state'],
-            *([real_view(t) for t in new[k]] for k in b.prog.new_keys)]
+            *([real_view(_local(t)) for t in new[k]] for k in b.prog.new_keys)]
     ptin = [torch.stack([s[k].detach().reshape(()) for s in b.states]).to(T) for k in b.scalar_keys]
     scales = st['scales'] | {2 + len(b.buffer_keys) + j: new_scales[k] for j,k in enumerate(b.prog.new_keys) if k in new_scales}
-    out = b.fn(bufs, slots, ptin, st['numel'], st['comps'], None if keys is None else keys.tolist(), scales)
+    out = b.fn(bufs, slots, ptin, st['numel'], st['comps'], None if keys is None else keys.tolist(), scales,
+               _foreach_all_reduce(b) if b.group is not None else None)
     if not b.prog.scalar_out: return None
     return torch.stack([out[node] for _,node in b.prog.scalar_out])
 
@@ -307,12 +391,15 @@ class GroupPlan:
                 continue
             numbers = tuple(opt.state[p][e[0]] for e in key if e[1] == 'number')   # one bucket shares them
             backend = backend_for(opt.execution, p.device)
+            if is_sharded(p) and backend == 'triton': backend = 'foreach'   # shards: C or foreach, not Triton yet
             if opt._quantised(p) and backend not in INT8_BACKENDS:
                 self.rest.append(p); self.reasons.append(f"8-bit state (state_dtype='int8') has no {backend} kernel")
                 continue
-            by_key.setdefault((p.device, backend, p.dtype, p.grad.dtype, key, numbers, opt._quantised(p)), []).append(p)
+            shards = (id(p.device_mesh), tuple(p.placements)) if is_sharded(p) else None
+            by_key.setdefault((p.device, backend, p.dtype, p.grad.dtype, key, numbers, opt._quantised(p), shards),
+                              []).append(p)
         self.buckets = []
-        for (_,backend,_,_,key,_,_),ps in by_key.items():
+        for (_,backend,_,_,key,_,_,_),ps in by_key.items():
             try: self.buckets.append(Bucket(opt, ps, key, hyper, [index[id(p)] for p in ps], backend))
             except NotTraceable as e: self.rest += ps; self.reasons.append(str(e))
         self.ids = tuple(map(id, params))
