@@ -264,6 +264,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(groups, ParamGroup({k: vals[-1] for k,vals in per_group.items()}, checks=self._hyper_checks))
         self.frozen_idx = 0
         self.execution_counts, self.fallback_reasons = {'fused': 0, 'per_param': 0}, []   # see `step`
+        self.backend_counts = {}   # fused parameter steps per backend: 'cpu' (the C kernel), 'triton', 'foreach'
         self.execution, self.nonfinite_grads, self.update_rounding = execution, nonfinite_grads, update_rounding
         self.state_dtype, self.seed = state_dtype, seed
 
@@ -618,10 +619,11 @@ def _step_lists(self:Optimizer, to_step:list):
     reasons = sorted({r for gp in plans if gp is not None for r in gp.reasons})
     if self.execution == 'fused' and any(rests):
         raise RuntimeError(f"execution='fused', but some parameters cannot be fused: {'; '.join(reasons)}")
-    counts = self.execution_counts
+    counts, by_backend = self.execution_counts, self.__dict__.setdefault('backend_counts', {})
     for hyper,gp,rest in zip(hypers, plans, rests):
         if gp is not None:
-            counts['fused'] += sum(len(b.params) for b,_,_ in gp.ready)
+            for b,_,_ in gp.ready:
+                counts['fused'] += len(b.params); by_backend[b.backend] = by_backend.get(b.backend, 0) + len(b.params)
             self._planner.run(self, gp)
         self._step_params(rest, hyper)
         counts['per_param'] += len(rest)

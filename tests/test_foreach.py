@@ -144,3 +144,18 @@ def test_foreach_is_a_valid_setting():
     p = torch.zeros(3, requires_grad=True)
     assert Adam([p], lr=1e-3, execution='foreach').execution == 'foreach'
     with pytest.raises(ValueError, match='foreach'): Adam([p], lr=1e-3, execution='nope')
+
+def test_backend_counts_say_which_backend_stepped(monkeypatch):
+    # execution_counts says fused or per-parameter; backend_counts says which fused backend ran each parameter step
+    ps = [torch.randn(5, requires_grad=True) for _ in range(3)]
+    opt = Adam(ps, lr=1e-2)
+    for execution, backend in (('auto', 'cpu'), ('foreach', 'foreach')):
+        opt.execution = execution
+        for p in ps: p.grad = torch.randn(5)
+        opt.step()
+        assert opt.backend_counts[backend] == 3
+    assert opt.backend_counts == {'cpu': 3, 'foreach': 3} and opt.execution_counts == {'fused': 6, 'per_param': 0}
+    opt.execution = 'per_param'
+    for p in ps: p.grad = torch.randn(5)
+    opt.step()
+    assert opt.backend_counts == {'cpu': 3, 'foreach': 3} and opt.execution_counts['per_param'] == 3
